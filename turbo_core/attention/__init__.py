@@ -1,0 +1,70 @@
+"""Self-attention backends, selected by name.
+
+The DiT calls `self_attention(q, k, v, backend, ...)` and nothing else, so new
+kernels register here without touching the model.
+  original  dense softmax attention (torch SDPA)
+  sla       sparse-linear attention (Triton kernel on CUDA, PyTorch reference elsewhere)
+  sagesla   SLA with int8 q/k and fp8 V (Triton, sm89+), falls back to sla
+  auto      the fastest of the above this device supports
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .sla_reference import sla_attention
+
+log = logging.getLogger("turbo_core")
+
+BACKENDS = ("original", "sla", "sagesla", "auto")
+
+# name -> fn(q, k, v, proj_l_weight, proj_l_bias, topk) on [B,L,H,D]. Kernel
+# modules add entries; anything missing falls back to the references below.
+_FAST: dict[str, Callable] = {}
+_said: set[str] = set()
+
+
+def register(name: str, fn: Callable) -> None:
+    _FAST[name] = fn
+
+
+def say_once(msg: str) -> None:
+    if msg not in _said:
+        _said.add(msg)
+        log.info(msg)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B,L,H,D] in, [B,L,H,D] out; full softmax, scale 1/sqrt(D), no mask."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend that will actually run for `backend` on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and "sagesla" in _FAST:
+            return "sagesla"
+        return "sla"
+    return backend
+
+
+def self_attention(q, k, v, backend: str = "original", *, proj_l=None, topk: float = 0.1):
+    """Dispatch. proj_l is the layer's (weight, bias) pair or None."""
+    name = resolve(backend, q.device)
+    if name == "original":
+        return dense_attention(q, k, v)
+    w, b = proj_l if proj_l is not None else (None, None)
+    fast = _FAST.get(name) if q.device.type == "cuda" else None
+    if fast is None and name == "sagesla":
+        fast = _FAST.get("sla") if q.device.type == "cuda" else None
+    if fast is not None:
+        return fast(q, k, v, w, b, topk)
+    if q.device.type == "cuda" or name == "sagesla":
+        say_once(f"attention '{backend}': no Triton kernel here, using the PyTorch SLA reference")
+    return sla_attention(q, k, v, w, b, topk=topk)

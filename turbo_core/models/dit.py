@@ -1,0 +1,335 @@
+"""The TurboWan diffusion transformer (Wan2.1 T2V 1.3B/14B, Wan2.2 I2V A14B).
+
+Module names equal the checkpoint keys of the TurboWan files, so a normalised
+state dict loads 1:1 (see dit_loader.py for the layouts and the load report).
+
+Precision follows the official inference path: the residual stream and the
+linears run in the compute dtype (bf16), while the time embedding, modulation,
+norm statistics, RoPE and the head run in fp32. With dtype=float32 every step
+is fp32 (the exact-check mode).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import dense_attention, self_attention
+from ..quant.int8 import Int8Linear
+
+HEAD_DIM = 128
+PATCH = (1, 2, 2)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    dim: int
+    num_layers: int
+    ffn_dim: int
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    eps: float = 1e-6
+
+    @property
+    def num_heads(self) -> int:
+        return self.dim // HEAD_DIM
+
+    @property
+    def is_i2v(self) -> bool:
+        return self.in_dim > self.out_dim
+
+    @property
+    def variant(self) -> str:
+        for name, cfg in KNOWN_VARIANTS.items():
+            if (cfg.dim, cfg.num_layers, cfg.ffn_dim, cfg.in_dim) == (self.dim, self.num_layers, self.ffn_dim,
+                                                                      self.in_dim):
+                return name
+        kind = "I2V" if self.is_i2v else "T2V"
+        return f"custom Wan {kind} (dim {self.dim}, {self.num_layers} layers)"
+
+
+KNOWN_VARIANTS = {
+    "Wan2.1-T2V-1.3B": DiTConfig(dim=1536, num_layers=30, ffn_dim=8960),
+    "Wan2.1-T2V-14B": DiTConfig(dim=5120, num_layers=40, ffn_dim=13824),
+    "Wan2.2-I2V-A14B": DiTConfig(dim=5120, num_layers=40, ffn_dim=13824, in_dim=36),
+}
+
+
+# ---------------------------------------------------------------------------
+# small pieces
+
+def sinusoid(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, dim]: [cos, sin] of t * 10000^(-k/half), in float64 like the original."""
+    half = dim // 2
+    t = t.to(torch.float64)
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t, freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def rope_angles(t: int, h: int, w: int, device=None) -> torch.Tensor:
+    """Per-token RoPE angles [t*h*w, 64] = [t.w_t (22) | h.w_h (21) | w.w_w (21)].
+
+    Computed in fp32 the way the reference builds its tables (theta 10000,
+    head dim split 44/42/42, integer positions from 0).
+    """
+    dim_hw = HEAD_DIM // 6 * 2  # 42
+    dim_t = HEAD_DIM - 2 * dim_hw  # 44
+
+    def table(n, d):
+        inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=device)[: d // 2].float() / d))
+        return torch.outer(torch.arange(n, device=device).float(), inv)
+
+    ft, fh, fw = table(t, dim_t), table(h, dim_hw), table(w, dim_hw)
+    return torch.cat([
+        ft[:, None, None, :].expand(t, h, w, -1),
+        fh[None, :, None, :].expand(t, h, w, -1),
+        fw[None, None, :, :].expand(t, h, w, -1),
+    ], dim=-1).reshape(t * h * w, -1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved (GPT-J) rotation of adjacent channel pairs, in fp32. x [B,L,H,D], cos/sin [L,D/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the full hidden dim; fp32 statistics and fp32 weight (FastRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in fp32, result in the input dtype; affine weights kept fp32."""
+
+    def __init__(self, dim: int, eps: float, affine: bool = False):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False) if affine else None
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), (self.dim,), self.weight, self.bias, self.eps).to(x.dtype)
+
+
+def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear evaluated in fp32 (the reference runs these under fp32 autocast)."""
+    return F.linear(x.float(), layer.weight.float(), layer.bias.float())
+
+
+def make_linear(d_in: int, d_out: int, int8: bool, dtype) -> nn.Module:
+    if int8:
+        return Int8Linear(d_in, d_out, device="meta", dtype=dtype)
+    return nn.Linear(d_in, d_out, device="meta", dtype=dtype)
+
+
+class _Namespace(nn.Module):
+    """An empty module that only carries a name in the state-dict path."""
+
+
+# ---------------------------------------------------------------------------
+# attention and blocks
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig, int8: set[str], sla_proj: bool, dtype):
+        super().__init__()
+        d = cfg.dim
+        self.heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (make_linear(d, d, n in int8, dtype) for n in "qkvo")
+        self.norm_q, self.norm_k = RMSNorm(d, cfg.eps), RMSNorm(d, cfg.eps)
+        if sla_proj:  # key path: self_attn.attn_op.local_attn.proj_l, as in TurboWan files
+            self.attn_op = _Namespace()
+            self.attn_op.local_attn = _Namespace()
+            self.attn_op.local_attn.proj_l = nn.Linear(HEAD_DIM, HEAD_DIM, device="meta", dtype=torch.float32)
+
+    @property
+    def proj_l(self):
+        if not hasattr(self, "attn_op"):
+            return None
+        p = self.attn_op.local_attn.proj_l
+        return p.weight, p.bias
+
+    def forward(self, x, cos, sin, attention: str, sla_topk: float):
+        b, n, _ = x.shape
+        q = apply_rope(self.norm_q(self.q(x)).view(b, n, self.heads, HEAD_DIM), cos, sin)
+        k = apply_rope(self.norm_k(self.k(x)).view(b, n, self.heads, HEAD_DIM), cos, sin)
+        v = self.v(x).view(b, n, self.heads, HEAD_DIM)
+        out = self_attention(q, k, v, attention, proj_l=self.proj_l, topk=sla_topk)  # [B,L,H,128]
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the video tokens, keys/values from all context rows; no mask, no RoPE."""
+
+    def __init__(self, cfg: DiTConfig, int8: set[str], dtype):
+        super().__init__()
+        d = cfg.dim
+        self.heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (make_linear(d, d, n in int8, dtype) for n in "qkvo")
+        self.norm_q, self.norm_k = RMSNorm(d, cfg.eps), RMSNorm(d, cfg.eps)
+
+    def forward(self, x, ctx):
+        b = x.shape[0]
+        q = self.norm_q(self.q(x)).view(b, -1, self.heads, HEAD_DIM)
+        k = self.norm_k(self.k(ctx)).view(b, -1, self.heads, HEAD_DIM)
+        v = self.v(ctx).view(b, -1, self.heads, HEAD_DIM)
+        return self.o(dense_attention(q, k, v).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig, int8: set[str], sla_proj: bool, dtype):
+        super().__init__()
+        d = cfg.dim
+        self.modulation = nn.Parameter(torch.empty(1, 6, d, device="meta"), requires_grad=False)
+        self.norm1 = LayerNorm(d, cfg.eps)
+        self.self_attn = SelfAttention(cfg, {n[len("self_attn."):] for n in int8 if n.startswith("self_attn.")},
+                                       sla_proj, dtype)
+        self.norm3 = LayerNorm(d, cfg.eps, affine=True)
+        self.cross_attn = CrossAttention(cfg, {n[len("cross_attn."):] for n in int8 if n.startswith("cross_attn.")},
+                                         dtype)
+        self.norm2 = LayerNorm(d, cfg.eps)
+        self.ffn = nn.Sequential(make_linear(d, cfg.ffn_dim, "ffn.0" in int8, dtype), nn.GELU(approximate="tanh"),
+                                 make_linear(cfg.ffn_dim, d, "ffn.2" in int8, dtype))
+
+    def forward(self, x, e0, cos, sin, ctx, attention, sla_topk):
+        # e0 [B,6,D] fp32 -> shift/scale/gate for self-attention, then for the FFN
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
+        h = (self.norm1(x).float() * (1 + scale_sa) + shift_sa).to(x.dtype)
+        x = x + self.self_attn(h, cos, sin, attention, sla_topk) * gate_sa.to(x.dtype)
+        x = x + self.cross_attn(self.norm3(x), ctx)
+        h = (self.norm2(x).float() * (1 + scale_ff) + shift_ff).to(x.dtype)
+        return x + self.ffn(h) * gate_ff.to(x.dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig, dtype):
+        super().__init__()
+        self.modulation = nn.Parameter(torch.empty(1, 2, cfg.dim, device="meta"), requires_grad=False)
+        self.norm = LayerNorm(cfg.dim, cfg.eps)
+        self.head = nn.Linear(cfg.dim, math.prod(PATCH) * cfg.out_dim, device="meta", dtype=dtype)
+
+    def forward(self, x, e):
+        shift, scale = (self.modulation.float() + e[:, None]).chunk(2, dim=1)
+        return linear_fp32(self.head, self.norm(x).float() * (1 + scale) + shift)  # [B,L,64] fp32
+
+
+# ---------------------------------------------------------------------------
+# the model
+
+class WanDiT(nn.Module):
+    """`model(x, timestep, context, y=None, *, attention="original", sla_topk=0.1) -> velocity`.
+
+    x [B,16,T,H,W]; timestep [B] network time (RF t x 1000); context [B,L,text_dim]
+    used as given (the text encoder supplies the 512 zero-padded rows);
+    y [B,20,T,H,W] I2V condition. Returns fp32 velocity [B,16,T,H,W].
+    """
+
+    def __init__(self, cfg: DiTConfig, *, dtype=torch.bfloat16, int8: set[str] = frozenset(),
+                 sla_blocks: set[int] = frozenset()):
+        super().__init__()
+        self.config = cfg
+        self.compute_dtype = dtype
+        d = cfg.dim
+        self.patch_embedding = nn.Linear(cfg.in_dim * math.prod(PATCH), d, device="meta", dtype=dtype)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d, device="meta", dtype=dtype),
+                                            nn.GELU(approximate="tanh"), nn.Linear(d, d, device="meta", dtype=dtype))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d, device="meta", dtype=dtype), nn.SiLU(),
+                                            nn.Linear(d, d, device="meta", dtype=dtype))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d, device="meta", dtype=dtype))
+        self.blocks = nn.ModuleList(
+            Block(cfg, {n[len(f"blocks.{i}."):] for n in int8 if n.startswith(f"blocks.{i}.")}, i in sla_blocks,
+                  dtype)
+            for i in range(cfg.num_layers))
+        self.head = Head(cfg, dtype)
+        self.load_report = None  # filled by the loader
+        self._rope_cache: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    # -- pieces the forward is made of (public so tests can check them one by one)
+
+    def time_embed(self, timestep: torch.Tensor):
+        """[B] -> e [B,D] and e0 [B,6,D], both fp32."""
+        e = linear_fp32(self.time_embedding[2],
+                        F.silu(linear_fp32(self.time_embedding[0], sinusoid(self.config.freq_dim, timestep).float())))
+        e0 = linear_fp32(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.config.dim))
+        return e, e0
+
+    def rope(self, t: int, h: int, w: int):
+        key = (t, h, w, self.device)
+        if key not in self._rope_cache:
+            angles = rope_angles(t, h, w, self.device)
+            self._rope_cache = {key: (angles, torch.cos(angles), torch.sin(angles))}
+        return self._rope_cache[key]
+
+    def _check_inputs(self, x, timestep, context, y):
+        cfg = self.config
+        if x.ndim != 5:
+            raise ValueError(f"x must be [B,16,T,H,W], got shape {tuple(x.shape)}")
+        b, c, _, h, w = x.shape
+        want_y = cfg.in_dim - c
+        if cfg.is_i2v and y is None:
+            raise ValueError(f"{cfg.variant} is an image-to-video model: pass the I2V condition y [B,{want_y},T,H,W]")
+        if not cfg.is_i2v and y is not None:
+            raise ValueError(f"{cfg.variant} is a text-to-video model: it takes no image condition y")
+        if y is not None and (y.shape[0] != b or y.shape[1] != want_y or y.shape[2:] != x.shape[2:]):
+            raise ValueError(f"y must be [B,{want_y},T,H,W] matching x {tuple(x.shape)}, got {tuple(y.shape)}")
+        if c + (0 if y is None else y.shape[1]) != cfg.in_dim:
+            raise ValueError(f"x has {c} channels; this model takes {cfg.in_dim - (0 if y is None else y.shape[1])}")
+        if h % 2 or w % 2:
+            raise ValueError(f"latent height and width must be even, got {h}x{w}")
+        if context.ndim != 3 or context.shape[-1] != cfg.text_dim or context.shape[0] not in (1, b):
+            raise ValueError(f"context must be [B,L,{cfg.text_dim}] with B={b}, got {tuple(context.shape)}")
+        if timestep.shape[0] not in (1, b):
+            raise ValueError(f"timestep must have {b} entries, got {tuple(timestep.shape)}")
+
+    @torch.no_grad()
+    def forward(self, x, timestep, context, y=None, *, attention: str = "original", sla_topk: float = 0.1):
+        timestep = torch.as_tensor(timestep, device=self.device).reshape(-1)
+        self._check_inputs(x, timestep, context, y)
+        dt = self.compute_dtype
+        b = x.shape[0]
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)  # I2V: [noisy 16 | mask 4 | image latent 16]
+        x = x.to(self.device, dt)
+        _, c, t, h, w = x.shape
+        t, h, w = t // PATCH[0], h // PATCH[1], w // PATCH[2]
+        # patchify: token order (t h w), each patch flattened (c, kt, kh, kw), c slowest
+        tokens = x.view(b, c, t, PATCH[0], h, PATCH[1], w, PATCH[2]).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        x = self.patch_embedding(tokens.reshape(b, t * h * w, -1))  # [B,L,D]
+
+        e, e0 = self.time_embed(timestep.expand(b))
+        ctx = self.text_embedding(context.to(self.device, dt).expand(b, -1, -1))  # [B,L_ctx,D]
+        _, cos, sin = self.rope(t, h, w)
+        for block in self.blocks:
+            x = block(x, e0, cos, sin, ctx, attention, sla_topk)
+        out = self.head(x, e)  # [B,L,(kt kh kw c)] fp32, c fastest
+        out = out.view(b, t, h, w, *PATCH, self.config.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, self.config.out_dim, t * PATCH[0], h * PATCH[1], w * PATCH[2])
+
+    def set_linear_mode(self, mode: str) -> None:
+        """int8 layers: "w8a8" (exact official arithmetic / Triton GEMM) or "dequant"."""
+        for m in self.modules():
+            if isinstance(m, Int8Linear):
+                m.mode = mode
