@@ -75,3 +75,58 @@ def comfy_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             value = value.reshape(value.shape[0], -1, 1, 2, 2)
         out["model.diffusion_model." + key] = value
     return out
+
+
+def tiny_vae_state_dict(*, dim: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A Wan2.1-layout VAE with `dim` base channels (the real one has 96), random weights."""
+    from .models.vae import VAEConfig, WanVAE
+
+    torch.manual_seed(seed)
+    return {k: v.contiguous() for k, v in WanVAE(VAEConfig(dim=dim)).state_dict().items()}
+
+
+def tiny_umt5_state_dict(tokenizer_model: bytes, *, dim: int = 64, layers: int = 2, heads: int = 4,
+                         ffn: int = 128, vocab: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An umT5-layout encoder (Wan names) that embeds its sentencepiece tokenizer as `spiece_model`,
+    the way Comfy-Org's text encoder files carry it."""
+    from .models.umt5 import UMT5Config, UMT5Encoder
+
+    torch.manual_seed(seed)
+    cfg = UMT5Config(vocab_size=vocab, dim=dim, dim_attn=dim, num_heads=heads, dim_ffn=ffn, num_layers=layers)
+    sd = {k: v.contiguous() for k, v in UMT5Encoder(cfg).state_dict().items()}
+    sd["spiece_model"] = torch.frombuffer(bytearray(tokenizer_model), dtype=torch.uint8)
+    return sd
+
+
+def write_tiny_models(folder, *, text_dim: int = 64, i2v: bool = False, seed: int = 0) -> dict[str, str]:
+    """Real model files in ComfyUI's folder layout; returns {"dit", ["dit_low"], "vae", "text_encoder"} paths.
+
+    The DiT is a TurboWan .pth (the experts' files for I2V), the VAE and text encoder
+    are .safetensors, the text encoder with its tokenizer embedded.
+    """
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from .models.tokenizer import train_tiny_sentencepiece
+
+    dirs = {name: os.path.join(folder, name) for name in ("diffusion_models", "vae", "text_encoders")}
+    for d in dirs.values():
+        os.makedirs(d, exist_ok=True)
+    paths = {}
+    if i2v:
+        for n, expert in enumerate(("high", "low")):
+            paths["dit" if expert == "high" else "dit_low"] = p = os.path.join(
+                dirs["diffusion_models"], f"tiny-i2v-{expert}.pth")
+            torch.save(tiny_dit_state_dict(in_dim=36, text_dim=text_dim, seed=seed + n), p)
+    else:
+        paths["dit"] = p = os.path.join(dirs["diffusion_models"], "tiny-t2v.pth")
+        torch.save(tiny_dit_state_dict(text_dim=text_dim, seed=seed), p)
+    paths["vae"] = p = os.path.join(dirs["vae"], "tiny-vae.safetensors")
+    save_file(tiny_vae_state_dict(seed=seed), p)
+    with tempfile.TemporaryDirectory() as tmp:
+        spm = train_tiny_sentencepiece(tmp).read_bytes()
+    paths["text_encoder"] = p = os.path.join(dirs["text_encoders"], "tiny-umt5.safetensors")
+    save_file(tiny_umt5_state_dict(spm, dim=text_dim, seed=seed), p)
+    return paths
