@@ -118,7 +118,7 @@ def image_to_tensor(image) -> torch.Tensor:
         image = Image.open(image)
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
-    t = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
+    t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
     if t.ndim == 4:
         t = t[0]  # ComfyUI IMAGE batch: first image
     if t.ndim == 2:

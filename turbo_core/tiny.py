@@ -16,12 +16,15 @@ BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
 
 def tiny_dit_state_dict(*, dim: int = 256, layers: int = 2, ffn_dim: int = 512, in_dim: int = 16,
                         text_dim: int = 64, freq_dim: int = 256, sla: bool = True, seed: int = 0,
-                        dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
-    """A TurboWan-layout DiT state dict (bare keys, Linear patch embedding, SLA proj_l)."""
-    g = torch.Generator().manual_seed(seed)
+                        dtype=torch.bfloat16, device=None) -> dict[str, torch.Tensor]:
+    """A TurboWan-layout DiT state dict (bare keys, Linear patch embedding, SLA proj_l).
+
+    device: where to draw the weights (full-size models for GPU benchmarks are made on the GPU).
+    """
+    g = torch.Generator(device or "cpu").manual_seed(seed)
 
     def randn(*shape, std=1.0, mean=0.0):
-        return (torch.randn(*shape, generator=g) * std + mean).to(dtype)
+        return (torch.randn(*shape, generator=g, device=device) * std + mean).to(dtype)
 
     sd: dict[str, torch.Tensor] = {}
 

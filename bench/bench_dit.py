@@ -1,0 +1,109 @@
+"""Full DiT step time and peak memory on the GPU, random weights at the real sizes.
+
+  python bench/bench_dit.py [--only 1.3B|14B] [--reps 3]
+
+One step = one forward of the network at 81 frames (21 latent frames):
+1.3B-480p: latent [1,16,21,60,104] (L = 32760); 14B-720p: [1,16,21,90,160] (L = 75600).
+Prints a markdown table; writes $OUT/bench_dit.json when OUT is set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from turbo_core.models.dit_loader import dit_from_state_dict  # noqa: E402
+from turbo_core.tiny import quantize_state_dict, tiny_dit_state_dict  # noqa: E402
+
+CONFIGS = {
+    "1.3B": dict(model=dict(dim=1536, layers=30, ffn_dim=8960), latent=(1, 16, 21, 60, 104)),
+    "14B": dict(model=dict(dim=5120, layers=40, ffn_dim=13824), latent=(1, 16, 21, 90, 160)),
+}
+RUNS = [("bf16", "original"), ("bf16", "sla"), ("bf16", "sagesla"), ("int8", "sla"), ("int8", "sagesla")]
+
+
+def try_kernels() -> str:
+    try:
+        from turbo_core import kernels
+
+        return "on" if kernels.install() else "unavailable"
+    except ImportError as err:
+        return f"missing ({err})"
+
+
+def time_forward(model, x, t, ctx, attention, reps):
+    torch.cuda.synchronize()
+    model(x, t, ctx, attention=attention)  # warm-up (Triton compiles here)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model(x, t, ctx, attention=attention)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=list(CONFIGS))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--runs", default=",".join(f"{w}+{a}" for w, a in RUNS))
+    args = ap.parse_args()
+    runs = [tuple(r.split("+")) for r in args.runs.split(",")]
+    dev = torch.device("cuda")
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, kernels {try_kernels()}")
+    rows = []
+    for name, cfg in CONFIGS.items():
+        if args.only and name != args.only:
+            continue
+        g = torch.Generator(dev).manual_seed(0)
+        x = torch.randn(cfg["latent"], generator=g, device=dev).bfloat16()
+        ctx = torch.randn(1, 512, 4096, generator=g, device=dev).bfloat16()
+        ctx[:, 100:] = 0  # the text encoder's zero rows after the prompt
+        t = torch.tensor([988.0], device=dev)
+        for weights in ("bf16", "int8"):
+            todo = [a for w, a in runs if w == weights]
+            if not todo:
+                continue
+            sd = tiny_dit_state_dict(**cfg["model"], text_dim=4096, device=dev)
+            if weights == "int8":
+                sd = quantize_state_dict(sd)
+            model = dit_from_state_dict(sd, device=dev, dtype=torch.bfloat16, source=f"random {name}",
+                                        linear="w8a8" if weights == "int8" else "auto")
+            del sd
+            torch.cuda.empty_cache()
+            weights_gib = torch.cuda.memory_allocated() / 2**30
+            for attention in todo:
+                try:
+                    sec, peak = time_forward(model, x, t, ctx, attention, args.reps)
+                    rows.append(dict(model=name, weights=weights, attention=attention, step_s=sec,
+                                     peak_gib=peak, weights_gib=weights_gib))
+                except Exception as err:  # keep the other rows
+                    rows.append(dict(model=name, weights=weights, attention=attention, error=repr(err)[:200]))
+                    torch.cuda.empty_cache()
+                print(rows[-1], flush=True)
+            del model
+            torch.cuda.empty_cache()
+    print("\n| model | weights | attention | step (s) | peak GiB | weights GiB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['weights']} | {r['attention']} | error: {r['error']} | | |")
+        else:
+            print(f"| {r['model']} | {r['weights']} | {r['attention']} | {r['step_s']:.3f} | {r['peak_gib']:.1f} "
+                  f"| {r['weights_gib']:.1f} |")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_dit.json"), "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
