@@ -57,6 +57,7 @@ def main():
     ap.add_argument("--only", choices=list(CONFIGS))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--runs", default=",".join(f"{w}+{a}" for w, a in RUNS))
+    ap.add_argument("--compile", action="store_true", help="also time each run with compiled blocks")
     args = ap.parse_args()
     runs = [tuple(r.split("+")) for r in args.runs.split(",")]
     dev = torch.device("cuda")
@@ -82,15 +83,19 @@ def main():
             del sd
             torch.cuda.empty_cache()
             weights_gib = torch.cuda.memory_allocated() / 2**30
-            for attention in todo:
-                try:
-                    sec, peak = time_forward(model, x, t, ctx, attention, args.reps)
-                    rows.append(dict(model=name, weights=weights, attention=attention, step_s=sec,
-                                     peak_gib=peak, weights_gib=weights_gib))
-                except Exception as err:  # keep the other rows
-                    rows.append(dict(model=name, weights=weights, attention=attention, error=repr(err)[:200]))
-                    torch.cuda.empty_cache()
-                print(rows[-1], flush=True)
+            for compiled in ([False, True] if args.compile else [False]):
+                if compiled:
+                    model.compile_blocks()
+                for attention in todo:
+                    label = attention + (" +compile" if compiled else "")
+                    try:
+                        sec, peak = time_forward(model, x, t, ctx, attention, args.reps)
+                        rows.append(dict(model=name, weights=weights, attention=label, step_s=sec,
+                                         peak_gib=peak, weights_gib=weights_gib))
+                    except Exception as err:  # keep the other rows
+                        rows.append(dict(model=name, weights=weights, attention=label, error=repr(err)[:300]))
+                        torch.cuda.empty_cache()
+                    print(rows[-1], flush=True)
             del model
             torch.cuda.empty_cache()
     print("\n| model | weights | attention | step (s) | peak GiB | weights GiB |\n|---|---|---|---|---|---|")

@@ -54,6 +54,7 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
+@torch.compiler.disable  # kernels are called eagerly; compiled blocks break the graph here
 def self_attention(q, k, v, backend: str = "original", *, proj_l=None, topk: float = 0.1):
     """Dispatch. proj_l is the layer's (weight, bias) pair or None."""
     name = resolve(backend, q.device)

@@ -93,12 +93,14 @@ def rope_angles(t: int, h: int, w: int, device=None) -> torch.Tensor:
     ], dim=-1).reshape(t * h * w, -1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved (GPT-J) rotation of adjacent channel pairs, in fp32. x [B,L,H,D], cos/sin [L,D/2]."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Interleaved (GPT-J) rotation of adjacent channel pairs, in fp32.
+
+    x [B,L,H,D]; freqs [L,D/2] complex (cos + i sin). Pairs (2i, 2i+1) are the
+    complex numbers x[2i] + i x[2i+1], so the rotation is one complex product.
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs[None, :, None, :]).flatten(-2).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -110,8 +112,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -124,6 +125,8 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False) if affine else None
 
     def forward(self, x):
+        if self.weight is None:  # statistics are fp32 inside layer_norm whatever x's dtype
+            return F.layer_norm(x, (self.dim,), eps=self.eps)
         return F.layer_norm(x.float(), (self.dim,), self.weight, self.bias, self.eps).to(x.dtype)
 
 
@@ -164,10 +167,10 @@ class SelfAttention(nn.Module):
         p = self.attn_op.local_attn.proj_l
         return p.weight, p.bias
 
-    def forward(self, x, cos, sin, attention: str, sla_topk: float):
+    def forward(self, x, freqs, attention: str, sla_topk: float):
         b, n, _ = x.shape
-        q = apply_rope(self.norm_q(self.q(x)).view(b, n, self.heads, HEAD_DIM), cos, sin)
-        k = apply_rope(self.norm_k(self.k(x)).view(b, n, self.heads, HEAD_DIM), cos, sin)
+        q = apply_rope(self.norm_q(self.q(x)).view(b, n, self.heads, HEAD_DIM), freqs)
+        k = apply_rope(self.norm_k(self.k(x)).view(b, n, self.heads, HEAD_DIM), freqs)
         v = self.v(x).view(b, n, self.heads, HEAD_DIM)
         out = self_attention(q, k, v, attention, proj_l=self.proj_l, topk=sla_topk)  # [B,L,H,128]
         return self.o(out.flatten(2))
@@ -206,13 +209,13 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(make_linear(d, cfg.ffn_dim, "ffn.0" in int8, dtype), nn.GELU(approximate="tanh"),
                                  make_linear(cfg.ffn_dim, d, "ffn.2" in int8, dtype))
 
-    def forward(self, x, e0, cos, sin, ctx, attention, sla_topk):
+    def forward(self, x, e0, freqs, ctx, attention, sla_topk):
         # e0 [B,6,D] fp32 -> shift/scale/gate for self-attention, then for the FFN
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
-        h = (self.norm1(x).float() * (1 + scale_sa) + shift_sa).to(x.dtype)
-        x = x + self.self_attn(h, cos, sin, attention, sla_topk) * gate_sa.to(x.dtype)
+        h = torch.addcmul(shift_sa, self.norm1(x).float(), 1 + scale_sa).to(x.dtype)
+        x = x + self.self_attn(h, freqs, attention, sla_topk) * gate_sa.to(x.dtype)  # bf16, as upstream
         x = x + self.cross_attn(self.norm3(x), ctx)
-        h = (self.norm2(x).float() * (1 + scale_ff) + shift_ff).to(x.dtype)
+        h = torch.addcmul(shift_ff, self.norm2(x).float(), 1 + scale_ff).to(x.dtype)
         return x + self.ffn(h) * gate_ff.to(x.dtype)
 
 
@@ -277,10 +280,11 @@ class WanDiT(nn.Module):
         return e, e0
 
     def rope(self, t: int, h: int, w: int):
+        """(angles [L,64] fp32, cos + i sin [L,64] complex64), cached for the last size."""
         key = (t, h, w, self.device)
         if key not in self._rope_cache:
             angles = rope_angles(t, h, w, self.device)
-            self._rope_cache = {key: (angles, torch.cos(angles), torch.sin(angles))}
+            self._rope_cache = {key: (angles, torch.complex(torch.cos(angles), torch.sin(angles)))}
         return self._rope_cache[key]
 
     def _check_inputs(self, x, timestep, context, y):
@@ -321,12 +325,18 @@ class WanDiT(nn.Module):
 
         e, e0 = self.time_embed(timestep.expand(b))
         ctx = self.text_embedding(context.to(self.device, dt).expand(b, -1, -1))  # [B,L_ctx,D]
-        _, cos, sin = self.rope(t, h, w)
+        _, freqs = self.rope(t, h, w)
         for block in self.blocks:
-            x = block(x, e0, cos, sin, ctx, attention, sla_topk)
+            x = block(x, e0, freqs, ctx, attention, sla_topk)
         out = self.head(x, e)  # [B,L,(kt kh kw c)] fp32, c fastest
         out = out.view(b, t, h, w, *PATCH, self.config.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, self.config.out_dim, t * PATCH[0], h * PATCH[1], w * PATCH[2])
+
+    def compile_blocks(self, **options) -> None:
+        """Run each block under torch.compile, which fuses the norm, modulation, RoPE and
+        residual arithmetic between the matmuls. Attention and int8 kernels stay eager."""
+        for block in self.blocks:
+            block.compile(dynamic=False, **options)
 
     def set_linear_mode(self, mode: str) -> None:
         """int8 layers: "w8a8" (exact official arithmetic / Triton GEMM) or "dequant"."""

@@ -70,6 +70,11 @@ def w8a8_linear_reference(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
     return y.reshape(*shape[:-1], n)
 
 
+@torch.compiler.disable  # Triton kernels run eagerly inside compiled blocks
+def _eager(kernel, *args):
+    return kernel(*args)
+
+
 class Int8Linear(nn.Module):
     """A Linear whose weight stays int8 in memory (half the bytes of bf16).
 
@@ -95,7 +100,7 @@ class Int8Linear(nn.Module):
         if self.mode == "w8a8":
             kernel = type(self).kernel
             if kernel is not None and kernel.supports(x):
-                return kernel(x, self.int8_weight, self.scale, self.bias)
+                return _eager(kernel, x, self.int8_weight, self.scale, self.bias)
             return w8a8_linear_reference(x, self.int8_weight, self.scale, self.bias)
         w = dequantize_int8(self.int8_weight, self.scale, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
