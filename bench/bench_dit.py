@@ -52,12 +52,22 @@ def time_forward(model, x, t, ctx, attention, reps):
     return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
 
 
+def profile_step(model, x, t, ctx, attention):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(x, t, ctx, attention=attention)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=list(CONFIGS))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--runs", default=",".join(f"{w}+{a}" for w, a in RUNS))
     ap.add_argument("--compile", action="store_true", help="also time each run with compiled blocks")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per run")
     args = ap.parse_args()
     runs = [tuple(r.split("+")) for r in args.runs.split(",")]
     dev = torch.device("cuda")
@@ -90,6 +100,8 @@ def main():
                     label = attention + (" +compile" if compiled else "")
                     try:
                         sec, peak = time_forward(model, x, t, ctx, attention, args.reps)
+                        if args.profile:
+                            profile_step(model, x, t, ctx, attention)
                         rows.append(dict(model=name, weights=weights, attention=label, step_s=sec,
                                          peak_gib=peak, weights_gib=weights_gib))
                     except Exception as err:  # keep the other rows
