@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO, fixture_path, max_abs
+from conftest import REPO, fixture_path
 from turbo_core import CheckpointError, load_dit
 from turbo_core.models.dit_loader import dit_from_state_dict
 from turbo_core.quant.int8 import dequantize_int8

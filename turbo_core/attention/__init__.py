@@ -5,7 +5,9 @@ kernels register here without touching the model.
   original  dense softmax attention (torch SDPA)
   sla       sparse-linear attention (Triton kernel on CUDA, PyTorch reference elsewhere)
   sagesla   SLA with int8 q/k and fp8 V (Triton, sm89+), falls back to sla
-  auto      the fastest of the above this device supports
+  auto      the fastest on this device: SLA (the Triton kernel on CUDA). On the H100
+            the SageSLA-class kernel measured slower than SLA (3.3 vs 2.3 ms at
+            1.3B-480p) and is less exact, so auto does not pick it (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ BACKENDS = ("original", "sla", "sagesla", "auto")
 # modules add entries; anything missing falls back to the references below.
 _FAST: dict[str, Callable] = {}
 _said: set[str] = set()
+_kernels_tried = False
 
 
 def register(name: str, fn: Callable) -> None:
@@ -43,15 +46,25 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return out.transpose(1, 2)
 
 
+def ensure_kernels(device: torch.device) -> bool:
+    """Install the Triton kernels the first time a CUDA tensor needs them."""
+    global _kernels_tried
+    if device.type != "cuda":
+        return False
+    if not _kernels_tried:
+        _kernels_tried = True
+        from .. import kernels
+
+        if not kernels.install():
+            say_once(f"Triton kernels unavailable ({kernels.last_error() or 'no triton'}); using PyTorch paths")
+    return bool(_FAST)
+
+
 def resolve(backend: str, device: torch.device) -> str:
     """The backend that will actually run for `backend` on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"attention must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if backend == "auto":
-        if device.type == "cuda" and "sagesla" in _FAST:
-            return "sagesla"
-        return "sla"
-    return backend
+    return "sla" if backend == "auto" else backend
 
 
 @torch.compiler.disable  # kernels are called eagerly; compiled blocks break the graph here
@@ -61,11 +74,14 @@ def self_attention(q, k, v, backend: str = "original", *, proj_l=None, topk: flo
     if name == "original":
         return dense_attention(q, k, v)
     w, b = proj_l if proj_l is not None else (None, None)
-    fast = _FAST.get(name) if q.device.type == "cuda" else None
-    if fast is None and name == "sagesla":
-        fast = _FAST.get("sla") if q.device.type == "cuda" else None
+    fast = None
+    if ensure_kernels(q.device):
+        fast = _FAST.get(name)
+        if fast is None and name == "sagesla":
+            say_once("attention 'sagesla': this GPU lacks int8/fp8 tensor cores for it; using SLA")
+            fast = _FAST.get("sla")
     if fast is not None:
+        say_once(f"attention '{backend}': Triton {name} kernel")
         return fast(q, k, v, w, b, topk)
-    if q.device.type == "cuda" or name == "sagesla":
-        say_once(f"attention '{backend}': no Triton kernel here, using the PyTorch SLA reference")
+    say_once(f"attention '{backend}': PyTorch SLA reference on {q.device.type}")
     return sla_attention(q, k, v, w, b, topk=topk)

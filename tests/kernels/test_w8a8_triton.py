@@ -1,0 +1,95 @@
+"""W8A8 Triton kernels (activation quantisation + int8 GEMM) vs the references.
+
+Runs in triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1). Checks (all bit-exact, the kernel's exact=True mode):
+  * codes and scales == quantize_int8 and == fixture int8_linear (incl. the edge rows:
+    +amax -> 127, -amax -> -128, exact k+0.5 ties -> even);
+  * GEMM == w8a8_linear_reference and == fixture y_w8a8_kernel_order_bf16,
+    for partial row/column tiles, K not a multiple of 128, bf16/fp16, with/without bias.
+"""
+import os
+import random
+
+import pytest
+import torch
+from conftest import load_fixture, rel_l2
+from turbo_core.kernels import w8a8_triton
+from turbo_core.quant.int8 import Int8Linear, quantize_int8, w8a8_linear_reference
+
+SEED = int(os.environ.get("TURBO_TEST_SEED", random.SystemRandom().randrange(1 << 30)))
+
+
+def test_codes_and_scales_match_fixture():
+    fix = load_fixture("int8_linear.safetensors")
+    for src, codes, scale in [("weight_bf16", "int8_weight", "scale"), ("x_bf16", "x_int8", "x_scale"),
+                              ("edge_in_bf16", "edge_int8", "edge_scale")]:
+        q, s = w8a8_triton.quantize_act(fix[src])
+        assert q.dtype == torch.int8 and s.dtype == torch.float32
+        assert torch.equal(q, fix[codes]), src
+        assert torch.equal(s, fix[scale]), src
+    q, _ = w8a8_triton.quantize_act(fix["edge_in_bf16"])
+    assert q[0].max() == 127 and q[0].min() == -128
+    assert q[1, :8].tolist() == [0, 2, 2, 0, -2, -2, 126, -128]
+
+
+@pytest.mark.parametrize("m,k,dtype", [(1, 128, torch.bfloat16), (200, 256, torch.float16),
+                                       (333, 200, torch.bfloat16), (129, 384, torch.float32)])
+def test_quantize_bit_exact_random(m, k, dtype):
+    g = torch.Generator().manual_seed(SEED + m)
+    x = (torch.randn(m, k, generator=g) * torch.logspace(-3, 2, k)[None, :]).to(dtype)
+    q, s = w8a8_triton.quantize_act(x)
+    rq, rs = quantize_int8(x)
+    assert torch.equal(q, rq), f"seed {SEED}"
+    assert torch.equal(s, rs), f"seed {SEED}"
+    # exact ties: a tile whose amax is 128 gives mult 1, so k+0.5 values must round to even
+    t = torch.randn(128, 128, generator=g).clamp(-100, 100).to(dtype)
+    t[0, :5] = torch.tensor([128.0, 2.5, -3.5, 0.5, -128.0], dtype=dtype)
+    qt, _ = w8a8_triton.quantize_act(t)
+    assert qt[0, :5].tolist() == [127, 2, -4, 0, -128]
+    assert torch.equal(qt, quantize_int8(t)[0])
+    zeros = torch.zeros(130, 130, dtype=torch.bfloat16)  # amax clamps to 1e-8
+    qz, sz = w8a8_triton.quantize_act(zeros)
+    assert not qz.any() and torch.equal(sz, quantize_int8(zeros)[1])
+
+
+def test_gemm_matches_fixture_kernel_order():
+    fix = load_fixture("int8_linear.safetensors")
+    y = w8a8_triton.W8A8Kernel()(fix["x_bf16"], fix["int8_weight"], fix["scale"], fix["bias"])
+    assert y.dtype == torch.bfloat16 and y.shape == (300, 384)
+    assert torch.equal(y, fix["y_w8a8_kernel_order_bf16"])
+    assert rel_l2(y, fix["y_w8a8_f64"]) <= 1e-2  # bf16 output rounding only
+
+
+@pytest.mark.parametrize("shape,n,dtype,has_bias", [
+    ((200, 256), 128, torch.bfloat16, True),
+    ((2, 150, 200), 333, torch.float16, True),
+    ((1, 384), 256, torch.bfloat16, False),
+    ((3, 43, 128), 300, torch.bfloat16, True),
+])
+def test_gemm_bit_exact_random(shape, n, dtype, has_bias):
+    g = torch.Generator().manual_seed(SEED + n)
+    k = shape[-1]
+    x = (torch.randn(*shape, generator=g) * 2).to(dtype)
+    qw, sw = quantize_int8(torch.randn(n, k, generator=g) / k ** 0.5)
+    bias = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16) if has_bias else None
+    y = w8a8_triton.W8A8Kernel()(x, qw, sw, bias)
+    expect = w8a8_linear_reference(x, qw, sw, bias)
+    assert y.shape == expect.shape and y.dtype == dtype
+    assert torch.equal(y, expect), f"seed {SEED}: max diff {(y.float() - expect.float()).abs().max()}"
+
+
+def test_int8_linear_module_uses_the_kernel(monkeypatch):
+    monkeypatch.setattr(Int8Linear, "kernel", w8a8_triton.W8A8Kernel())
+    layer = Int8Linear(256, 200)
+    qw, sw = quantize_int8(torch.randn(200, 256) / 16)
+    layer.int8_weight.copy_(qw)
+    layer.scale.copy_(sw)
+    layer.bias.data.copy_(torch.randn(200) * 0.1)
+    layer.mode = "w8a8"
+    x = torch.randn(2, 70, 256).to(torch.bfloat16)
+    assert Int8Linear.kernel.supports(x)
+    assert not Int8Linear.kernel.supports(x.float())
+    calls = []
+    real = Int8Linear.kernel.__call__
+    monkeypatch.setattr(w8a8_triton.W8A8Kernel, "__call__", lambda self, *a: calls.append(1) or real(*a))
+    y = layer(x)
+    assert calls and torch.equal(y, w8a8_linear_reference(x, qw, sw, layer.bias))

@@ -1,0 +1,504 @@
+"""Sparse-Linear Attention (SLA) forward in Triton.
+
+Same math as `turbo_core.attention.sla_reference` (the oracle), spec 3.2:
+
+  1. block map: q mean-pooled over BLKQ rows, (k - mean_L k) mean-pooled over
+     BLKK rows (`_pool_kernel`), raw dot product of the pooled blocks in the
+     input dtype, top floor(topk * Nk) key blocks (>= 1) per query block with
+     torch.topk. The LUT is sorted ascending (order only changes fp32 rounding).
+  2. linear-branch state per (batch, head): KV = phi(k)^T v [D, D] and
+     Z = sum_L phi(k) [D], phi = softmax over the head dim (`_linear_kv_kernel`,
+     L split into chunks whose fp32 partials torch sums), rounded to bf16 like
+     the reference.
+  3. `_sla_attn_kernel`: one program per (query block of BLKQ rows, batch*head).
+     It walks ONLY its selected key blocks (NBI of them per iteration) with an
+     online softmax in base 2 (1/sqrt(D) and log2(e) folded into one scale),
+     masks the LUT tail and the partial last key block, casts P to bf16 before
+     P@V and accumulates in fp32. The epilogue adds the linear branch for the
+     same rows: phi(q) KV / (1e-5 + phi(q).Z), then proj_l (o_l @ W^T + b), so
+     q is read once and no [B,L,H,D] intermediate is written.
+
+Inputs and the output are [B, L, H, D] (read/written through strides, no
+transposing copies; the head dim must be contiguous). bf16 is the kernel dtype;
+fp16/fp32 inputs are scored in their own dtype (as the reference does) and
+converted to bf16 for the attention, the output is returned in the input dtype.
+
+The same attention kernel has constexpr switches for int8 q/k and fp8 V; the
+SageSLA-class wrapper in `sagesla_triton.py` uses them.
+
+Interpreter (TRITON_INTERPRET=1, the CPU tests): triton's interpreter
+multiplies the raw uint16 bits of bf16 operands in `tl.dot` and truncates
+fp32->bf16 casts (checked on triton 3.8). Under the constexpr INTERPRET flag the
+kernels therefore upcast dot operands to fp32 (their values are bf16-exact, so
+the products are the same) and round to bf16 with an explicit
+round-to-nearest-even bit trick before a cast. On GPU the flag is False and the
+native bf16 paths compile.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..attention.sla_reference import BLKK, BLKQ, topk_count
+
+
+def _interpreting() -> bool:
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except Exception:  # older triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+INTERPRET = _interpreting()
+# TURBO_KERNELS_AUTOTUNE=0 -> always the first (default) config, no timing on first call.
+AUTOTUNE = os.environ.get("TURBO_KERNELS_AUTOTUNE", "1") != "0" and not INTERPRET
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+@triton.jit
+def _bf16v(x, INTERPRET: tl.constexpr):
+    """fp32 -> fp32 holding the nearest bf16 value (round half to even)."""
+    if INTERPRET:
+        b = x.to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        r = b.to(tl.float32, bitcast=True)
+    else:
+        r = x.to(tl.bfloat16).to(tl.float32)
+    return r
+
+
+@triton.jit
+def _cast(x, ty: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 -> ty with round to nearest even (also in the interpreter)."""
+    if INTERPRET:
+        if ty == tl.bfloat16:
+            b = x.to(tl.uint32, bitcast=True)
+            b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+            x = b.to(tl.float32, bitcast=True)
+    return x.to(ty)
+
+
+@triton.jit
+def _dot(a, b, INTERPRET: tl.constexpr):
+    """16-bit float dot with fp32 accumulation (fp32 operands in the interpreter)."""
+    if INTERPRET:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _i32_to_f32(x):
+    """Exact int32 -> fp32 for |x| < 2^22 with an integer add and a float add
+    (1.5 * 2^23 trick) instead of the conversion unit, which has a fraction of
+    the FP32 throughput. int8 dot tiles of K <= 128 stay below 2^21."""
+    return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def _fp8_grid(x):
+    """Interpreter only: fp32 -> fp32 on the fp8 e4m3fn grid (RNE, saturating at 448).
+
+    The interpreter's own fp32->fp8 cast rounds half up and mishandles mantissa
+    carries; values already on the grid convert exactly.
+    """
+    b = x.to(tl.uint32, bitcast=True)
+    b = ((b + 0x7FFFF + ((b >> 20) & 1)) >> 20) << 20  # 3 mantissa bits, RNE
+    normal = b.to(tl.float32, bitcast=True)
+    sub = ((x * 512.0 + 12582912.0) - 12582912.0) * 0.001953125  # subnormals: multiples of 2^-9
+    y = tl.where(tl.abs(x) < 0.015625, sub, normal)
+    return tl.minimum(tl.maximum(y, -448.0), 448.0)
+
+
+# ----------------------------------------------------------------------------- block map
+
+@triton.jit(do_not_specialize=["L", "H", "NB"])
+def _pool_kernel(X, MEAN, P, XQ, XS,
+                 L, H, NB,
+                 sxb, sxl, sxh,
+                 BLK: tl.constexpr, D: tl.constexpr,
+                 SUB_MEAN: tl.constexpr, QUANT: tl.constexpr, INTERPRET: tl.constexpr):
+    """One block of BLK rows of one (batch, head): mean-pool (fp32 sum / real row
+    count, stored in P's dtype); with SUB_MEAN the rows are first centred by
+    MEAN [B*H, D] and rounded to X's dtype (the reference's `k - k.mean()`).
+    QUANT also writes int8 codes [B*H, L, D] and one scale per block (SageSLA):
+    scale = max|x|/127 + 1e-7, code = round half away from zero (x / scale)."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    bh64 = bh.to(tl.int64)
+    b = bh64 // H
+    h = bh64 % H
+    rows = blk * BLK + tl.arange(0, BLK)
+    offs_d = tl.arange(0, D)
+    rmask = rows < L
+    ptrs = X + b * sxb + h * sxh + rows[:, None].to(tl.int64) * sxl + offs_d[None, :]
+    x = tl.load(ptrs, mask=rmask[:, None], other=0.0).to(tl.float32)
+    if SUB_MEAN:
+        mu = tl.load(MEAN + bh64 * D + offs_d).to(tl.float32)
+        x = _cast(x - mu[None, :], X.dtype.element_ty, INTERPRET).to(tl.float32)
+        x = tl.where(rmask[:, None], x, 0.0)
+    cnt = tl.minimum(L - blk * BLK, BLK).to(tl.float32)
+    pooled = tl.math.div_rn(tl.sum(x, 0), tl.zeros([D], tl.float32) + cnt)
+    tl.store(P + (bh64 * NB + blk) * D + offs_d, _cast(pooled, P.dtype.element_ty, INTERPRET))
+    if QUANT:
+        amax = tl.max(tl.max(tl.abs(x), 1), 0)
+        scale = tl.math.div_rn(amax, 127.0) + 1e-7
+        y = tl.math.div_rn(x, tl.zeros([BLK, D], tl.float32) + scale)
+        code = tl.floor(tl.abs(y) + 0.5)
+        code = tl.where(y < 0, -code, code)
+        qptrs = XQ + (bh64 * L + rows[:, None]) * D + offs_d[None, :]
+        tl.store(qptrs, code.to(tl.int8), mask=rmask[:, None])
+        tl.store(XS + bh64 * NB + blk, scale)
+
+
+def _check_layout(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def pool_blocks(x: torch.Tensor, blk: int, mean: torch.Tensor | None = None, quant: bool = False):
+    """x [B,L,H,D] -> pooled [B,H,ceil(L/blk),D] in x.dtype (and, with quant,
+    int8 codes [B,H,L,D] and fp32 scales [B,H,nblocks])."""
+    x = _check_layout(x)
+    b, n, h, d = x.shape
+    nb = triton.cdiv(n, blk)
+    pooled = torch.empty(b, h, nb, d, dtype=x.dtype, device=x.device)
+    if quant:
+        codes = torch.empty(b, h, n, d, dtype=torch.int8, device=x.device)
+        scales = torch.empty(b, h, nb, dtype=torch.float32, device=x.device)
+    else:
+        codes, scales = pooled, pooled  # unused pointers
+    mean_arg = mean.contiguous() if mean is not None else pooled
+    _pool_kernel[(nb, b * h)](
+        x, mean_arg, pooled, codes, scales, n, h, nb,
+        x.stride(0), x.stride(1), x.stride(2),
+        BLK=blk, D=d, SUB_MEAN=mean is not None, QUANT=quant, INTERPRET=INTERPRET,
+        num_warps=8 if blk * d >= 128 * 128 else 4)
+    return (pooled, codes, scales) if quant else pooled
+
+
+def block_lut(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int = BLKQ, blkk: int = BLKK,
+              quant: bool = False):
+    """The reference's block selection on [B,L,H,D] inputs.
+
+    Returns lut int32 [B,H,Mq,kk] (ascending key-block indices per query block)
+    and, with quant, (q codes, q scales, k codes, k scales) for SageSLA.
+    """
+    # Same call on the same memory as the reference (identical mean on a device).
+    k_mean = k.transpose(1, 2).mean(dim=-2)  # [B,H,D] in k's dtype
+    if quant:
+        pq, qc, qs = pool_blocks(q, blkq, quant=True)
+        pk, kc, ks = pool_blocks(k, blkk, mean=k_mean, quant=True)
+    else:
+        pq = pool_blocks(q, blkq)
+        pk = pool_blocks(k, blkk, mean=k_mean)
+    scores = pq @ pk.transpose(-1, -2)  # [B,H,Mq,Nk], raw dot product in the input dtype
+    kk = topk_count(scores.shape[-1], topk)
+    idx = torch.topk(scores, kk, dim=-1, sorted=False).indices
+    lut = idx.sort(dim=-1).values.to(torch.int32).contiguous()
+    if quant:
+        return lut, (qc, qs, kc, ks)
+    return lut
+
+
+def lut_to_map(lut: torch.Tensor, n_kblocks: int) -> torch.Tensor:
+    """LUT [B,H,Mq,kk] -> int8 sparse map [B,H,Mq,Nk] (1 = key block kept)."""
+    shape = (*lut.shape[:-1], n_kblocks)
+    return torch.zeros(shape, dtype=torch.int8, device=lut.device).scatter_(-1, lut.long(), 1)
+
+
+# ----------------------------------------------------------------------------- linear branch state
+
+@triton.jit(do_not_specialize=["L", "H", "NCH", "CH"])
+def _linear_kv_kernel(K, V, KVP, ZP,
+                      L, H, NCH, CH,
+                      skb, skl, skh, svb, svl, svh,
+                      D: tl.constexpr, SUB: tl.constexpr, INTERPRET: tl.constexpr):
+    """Partial phi(k)^T v and sum phi(k) over rows [c*CH, (c+1)*CH) of one head."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    bh64 = bh.to(tl.int64)
+    b = bh64 // H
+    h = bh64 % H
+    offs_d = tl.arange(0, D)
+    offs_r = tl.arange(0, SUB)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    kv = tl.zeros([D, D], tl.float32)
+    z = tl.zeros([D], tl.float32)
+    start = c * CH
+    end = tl.minimum(L, start + CH)
+    for r0 in range(start, end, SUB):
+        rows = r0 + offs_r
+        ok = rows < end
+        kx = tl.load(k_base + rows[:, None].to(tl.int64) * skl + offs_d[None, :], mask=ok[:, None],
+                     other=0.0).to(tl.float32)
+        e = tl.exp(kx - tl.max(kx, 1)[:, None])
+        phi = _bf16v(e / tl.sum(e, 1)[:, None], INTERPRET)  # softmax in bf16, like the reference
+        phi = tl.where(ok[:, None], phi, 0.0)
+        vx = tl.load(v_base + rows[:, None].to(tl.int64) * svl + offs_d[None, :], mask=ok[:, None], other=0.0)
+        kv += _dot(tl.trans(phi).to(tl.bfloat16), vx, INTERPRET)
+        z += tl.sum(phi, 0)
+    out = bh64 * NCH + c
+    tl.store(KVP + out * D * D + offs_d[:, None] * D + offs_d[None, :], kv)
+    tl.store(ZP + out * D + offs_d, z)
+
+
+def linear_state(k: torch.Tensor, v: torch.Tensor, chunk: int | None = None):
+    """k, v [B,L,H,D] bf16 -> KV bf16 [B*H, D, D] (phi(k)^T v) and Z fp32 [B*H, D]
+    (sum phi(k), rounded to bf16 like the reference's bf16 sum)."""
+    b, n, h, d = k.shape
+    sub = 64
+    if chunk is None:
+        # ~4 programs per SM on an H100 (132 SMs), whatever the shape.
+        chunk = max(sub, triton.cdiv(triton.cdiv(n * b * h, 528), sub) * sub)
+    chunk = triton.cdiv(chunk, sub) * sub
+    nch = triton.cdiv(n, chunk)
+    kvp = torch.empty(b * h, nch, d, d, dtype=torch.float32, device=k.device)
+    zp = torch.empty(b * h, nch, d, dtype=torch.float32, device=k.device)
+    _linear_kv_kernel[(nch, b * h)](
+        k, v, kvp, zp, n, h, nch, chunk,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        D=d, SUB=sub, INTERPRET=INTERPRET, num_warps=8, num_stages=2)
+    kv = kvp.sum(1).to(torch.bfloat16).contiguous()
+    z = zp.sum(1).to(torch.bfloat16).float().contiguous()
+    return kv, z
+
+
+# ----------------------------------------------------------------------------- attention
+
+# Sizes are not specialised: one compile serves every sequence length.
+@triton.jit(do_not_specialize=["L", "H", "MQ", "NK", "KK", "LP"])
+def _sla_attn_kernel(
+    Q, K, V, O, LUT,
+    QI, KI, QSC, KSC, VT, VSC,
+    KV, Z, W, BIAS,
+    L, H, MQ, NK, KK, LP,
+    sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
+    qk_scale,
+    D: tl.constexpr, BLKQ: tl.constexpr, BLKK: tl.constexpr, NBI: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    QK_INT8: tl.constexpr, V_FP8: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    bh64 = bh.to(tl.int64)
+    b = bh64 // H
+    h = bh64 % H
+    BLOCK_N: tl.constexpr = NBI * BLKK
+    offs_m = pid_m * BLKQ + tl.arange(0, BLKQ)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    sub = offs_n // BLKK  # which of the NBI LUT entries a key row belongs to
+    within = offs_n % BLKK
+    m_ok = offs_m < L
+
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sql + offs_d[None, :]
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    if QK_INT8:
+        q = tl.load(QI + (bh64 * L + offs_m[:, None]) * D + offs_d[None, :], mask=m_ok[:, None], other=0)
+        # q block scale with 1/sqrt(D) and log2(e) folded in
+        row_scale = tl.load(QSC + bh64 * MQ + pid_m) * qk_scale
+    else:
+        q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
+        row_scale = qk_scale
+    if V_FP8:
+        vsc = tl.load(VSC + bh64 * D + offs_d)  # per-channel V scale
+
+    m_i = tl.full([BLKQ], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLKQ], tl.float32)
+    acc = tl.zeros([BLKQ, D], tl.float32)
+    lut_row = LUT + (bh64 * MQ + pid_m) * KK
+    for j in range(0, KK, NBI):
+        pos = j + sub
+        pos_ok = pos < KK
+        kb = tl.load(lut_row + pos, mask=pos_ok, other=0)
+        rows = kb * BLKK + within
+        n_ok = pos_ok & (rows < L)
+        if QK_INT8:
+            kx = tl.load(KI + (bh64 * L + rows[:, None]) * D + offs_d[None, :], mask=n_ok[:, None], other=0)
+            ksc = tl.load(KSC + bh64 * NK + kb, mask=pos_ok, other=0.0)
+            s = _i32_to_f32(tl.dot(q, tl.trans(kx))) * ksc[None, :]
+        else:
+            kx = tl.load(k_base + rows[:, None].to(tl.int64) * skl + offs_d[None, :], mask=n_ok[:, None],
+                         other=0.0)
+            s = _dot(q, tl.trans(kx), INTERPRET)
+        # Only the LUT tail and the partial last key block need the mask; the LUT
+        # is ascending, so both can only occur in the last iteration (a scalar
+        # test, no cross-thread reduction).
+        if j + NBI >= KK:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
+        p = tl.math.exp2(s * row_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if V_FP8:
+            # V^T [B*H, D, LP] fp8; P scaled by 448 into the e4m3 range.
+            vt = tl.load(VT + bh64 * D * LP + offs_d[:, None] * LP + rows[None, :], mask=n_ok[None, :], other=0.0)
+            if INTERPRET:
+                acc += tl.dot(_fp8_grid(p * 448.0), tl.trans(vt.to(tl.float32)))
+            else:
+                acc += tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(vt), max_num_imprecise_acc=BLOCK_N)
+        else:
+            vx = tl.load(v_base + rows[:, None].to(tl.int64) * svl + offs_d[None, :], mask=n_ok[:, None],
+                         other=0.0)
+            if INTERPRET:
+                acc += tl.dot(_bf16v(p, INTERPRET), vx.to(tl.float32))
+            else:
+                acc += tl.dot(p.to(tl.bfloat16), vx)
+        m_i = m_new
+
+    if V_FP8:
+        o = acc * (vsc[None, :] / (l_i * 448.0)[:, None])
+    else:
+        o = acc / l_i[:, None]
+    # The sparse branch is a bf16 tensor in the reference; holding it as bf16
+    # also frees the fp32 accumulator's registers for the epilogue.
+    o = _cast(o, tl.bfloat16, INTERPRET)
+
+    if HAS_LINEAR:
+        if QK_INT8:
+            qf = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
+        else:
+            qf = q.to(tl.float32)
+        e = tl.exp(qf - tl.max(qf, 1)[:, None])
+        phi = _cast(e / tl.sum(e, 1)[:, None], tl.bfloat16, INTERPRET)  # softmax over D, bf16
+        zz = tl.load(Z + bh64 * D + offs_d)
+        den = tl.sum(phi.to(tl.float32) * zz[None, :], 1) + 1e-5
+        kv = tl.load(KV + bh64 * D * D + offs_d[:, None] * D + offs_d[None, :])  # bf16 [D, D]
+        o_l = _cast(_dot(phi, kv, INTERPRET) / den[:, None], tl.bfloat16, INTERPRET)
+        wt = tl.load(W + offs_d[:, None] * D + offs_d[None, :])  # W^T (host-transposed): wt[i, o] = W[o, i]
+        pl = _dot(o_l, wt, INTERPRET)
+        if HAS_BIAS:
+            pl += tl.load(BIAS + offs_d).to(tl.float32)[None, :]
+        o_f = o.to(tl.float32) + _bf16v(pl, INTERPRET)
+    else:
+        o_f = o.to(tl.float32)
+
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None].to(tl.int64) * sol + offs_d[None, :]
+    tl.store(o_ptrs, _cast(o_f, O.dtype.element_ty, INTERPRET), mask=m_ok[:, None])
+
+
+# Configs for the attention kernel: NBI key blocks per iteration (BLOCK_N =
+# NBI * BLKK), warps, pipeline stages. The first one is used without autotuning.
+# With 8 warps each thread holds 64 fp32 accumulators per 128 columns; NBI=2
+# (128-wide S tiles) is close to the 255-register limit on sm90, so NBI=1 leads.
+ATTN_CONFIGS = [
+    dict(NBI=1, num_warps=8, num_stages=3),
+    dict(NBI=1, num_warps=8, num_stages=2),
+    dict(NBI=2, num_warps=8, num_stages=2),
+]
+INTERP_CONFIG = dict(NBI=2, num_warps=4, num_stages=1)
+_tuned: dict = {}
+
+
+def pick_config(key, configs, launch):
+    """First call per key: time each config with do_bench, keep the fastest."""
+    if INTERPRET:
+        return INTERP_CONFIG if configs is ATTN_CONFIGS else configs[0]
+    if not AUTOTUNE or len(configs) == 1:
+        return configs[0]
+    if key not in _tuned:
+        from triton.testing import do_bench
+
+        best, best_t = configs[0], float("inf")
+        for cfg in configs:
+            try:
+                t = do_bench(lambda: launch(cfg), warmup=5, rep=20)
+            except Exception:  # a config that does not fit (shared memory, registers)
+                continue
+            if t < best_t:
+                best, best_t = cfg, t
+        _tuned[key] = best
+    return _tuned[key]
+
+
+def attention_launch(q, k, v, lut, *, proj_w=None, proj_b=None, sage=None, blkq=BLKQ, blkk=BLKK,
+                     config=None, linear=None):
+    """Run `_sla_attn_kernel` on bf16 [B,L,H,D] q/k/v and a LUT from `block_lut`
+    (int32, ascending block indices per query block: the kernel masks the
+    partial last key block only in its last iteration).
+
+    sage: None, or dict(qc, qs, kc, ks, vt=None, vsc=None) from sagesla_triton.
+    linear: a precomputed `linear_state(k, v)` (else computed here when proj_w is given).
+    Returns [B,L,H,D] bf16.
+    """
+    b, n, h, d = q.shape
+    mq, kk = lut.shape[-2:]
+    nk = triton.cdiv(n, blkk)
+    out = torch.empty(b, n, h, d, dtype=torch.bfloat16, device=q.device)
+    has_linear = proj_w is not None
+    if has_linear:
+        kv, z = linear if linear is not None else linear_state(k, v)
+        w = proj_w.to(device=q.device, dtype=torch.bfloat16).t().contiguous()  # W^T, read coalesced
+        bias = proj_b.to(device=q.device, dtype=torch.bfloat16).contiguous() if proj_b is not None else w
+    else:
+        kv = z = w = bias = out
+    qk_int8 = sage is not None
+    v_fp8 = qk_int8 and sage.get("vt") is not None
+    if qk_int8:
+        qc, qs, kc, ks = sage["qc"], sage["qs"], sage["kc"], sage["ks"]
+        vt, vsc = (sage["vt"], sage["vsc"]) if v_fp8 else (out, out)
+        lp = vt.shape[-1] if v_fp8 else n
+    else:
+        qc = qs = kc = ks = vt = vsc = out
+        lp = n
+    scale = LOG2E / math.sqrt(d)
+
+    def launch(cfg):
+        cfg = dict(cfg)
+        nbi = cfg.pop("NBI")
+        _sla_attn_kernel[(mq, b * h)](
+            q, k, v, out, lut, qc, kc, qs, ks, vt, vsc, kv, z, w, bias,
+            n, h, mq, nk, kk, lp,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            scale, D=d, BLKQ=blkq, BLKK=blkk, NBI=nbi, HAS_LINEAR=has_linear, HAS_BIAS=proj_b is not None,
+            QK_INT8=qk_int8, V_FP8=v_fp8, INTERPRET=INTERPRET, **cfg)
+
+    if config is None:
+        key = ("attn", n, h, b, kk, d, blkq, blkk, has_linear, qk_int8, v_fp8)
+        config = pick_config(key, ATTN_CONFIGS, launch)
+    launch(config)
+    return out
+
+
+def supports(q: torch.Tensor) -> bool:
+    d = q.shape[-1]
+    return (q.is_cuda or INTERPRET) and q.dim() == 4 and d in (64, 128) \
+        and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def sla_forward(q, k, v, proj_l_weight=None, proj_l_bias=None, topk: float = 0.1, *,
+                blkq: int = BLKQ, blkk: int = BLKK, config=None):
+    """SLA on [B,L,H,D]; same contract as `sla_attention` (returns q's dtype)."""
+    dtype = q.dtype
+    q, k, v = (_check_layout(t) for t in (q, k, v))
+    lut = block_lut(q, k, topk, blkq, blkk)  # scored in the input dtype, as the reference
+    if dtype != torch.bfloat16:
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    out = attention_launch(q, k, v, lut, proj_w=proj_l_weight, proj_b=proj_l_bias, blkq=blkq, blkk=blkk,
+                           config=config)
+    return out if dtype == torch.bfloat16 else out.to(dtype)
+
+
+def sla_backend(q, k, v, proj_l_weight, proj_l_bias, topk):
+    """The function registered as attention backend "sla"."""
+    if not supports(q):
+        from ..attention import say_once
+        from ..attention.sla_reference import sla_attention
+
+        say_once(f"sla Triton kernel: unsupported input {tuple(q.shape)} {q.dtype}, using the reference")
+        return sla_attention(q, k, v, proj_l_weight, proj_l_bias, topk=topk)
+    return sla_forward(q, k, v, proj_l_weight, proj_l_bias, topk)
