@@ -109,6 +109,7 @@ def main():
                         torch.cuda.empty_cache()
                     print(rows[-1], flush=True)
             del model
+            torch._dynamo.reset()  # compiled blocks hold the model alive otherwise
             torch.cuda.empty_cache()
     print("\n| model | weights | attention | step (s) | peak GiB | weights GiB |\n|---|---|---|---|---|---|")
     for r in rows:
