@@ -9,6 +9,7 @@ Prints a markdown table; writes $OUT/bench_dit.json when OUT is set.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -91,6 +92,7 @@ def main():
             model = dit_from_state_dict(sd, device=dev, dtype=torch.bfloat16, source=f"random {name}",
                                         linear="w8a8" if weights == "int8" else "auto")
             del sd
+            gc.collect()
             torch.cuda.empty_cache()
             weights_gib = torch.cuda.memory_allocated() / 2**30
             for compiled in ([False, True] if args.compile else [False]):
@@ -110,6 +112,7 @@ def main():
                     print(rows[-1], flush=True)
             del model
             torch._dynamo.reset()  # compiled blocks hold the model alive otherwise
+            gc.collect()
             torch.cuda.empty_cache()
     print("\n| model | weights | attention | step (s) | peak GiB | weights GiB |\n|---|---|---|---|---|---|")
     for r in rows:
