@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import sys
 import time
@@ -26,17 +27,26 @@ def _phase(name: str):
     print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
 
 
-def _step_bar(total: int, desc: str = "sampling"):
+def _bar(desc: str):
+    """A (done, total) callback that drives a tqdm bar, opened on first use."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="step")
+    bar = None
 
-    def callback(step, steps, x):
-        bar.update(1)
-        if step + 1 == steps:
+    def update(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc)
+        bar.update(done - bar.n)
+        if done >= total:
             bar.close()
 
-    return callback
+    return update
+
+
+def _sampling_bar():
+    bar = _bar("sampling")
+    return lambda step, steps, x: bar(step + 1, steps)
 
 
 def _report(result, t0: float) -> None:
@@ -88,10 +98,11 @@ def cmd_t2v(args) -> int:
     width, height = _size(args, "480p")
     te, vae = _load_common(args)
     with _phase("loading DiT"):
-        dit = load_dit(args.dit, device="cpu", dtype=args.dtype)
+        dit = load_dit(args.dit, device="cpu", dtype=args.dtype, progress=_bar("loading DiT"))
     print(dit.load_report.summary())
     result = generate_t2v(dit, vae, te, args.prompt, width=width, height=height,
-                          sigma_max=args.sigma_max or 80.0, callback=_step_bar(args.steps), **_video_kwargs(args))
+                          sigma_max=args.sigma_max or 80.0, callback=_sampling_bar(), progress=_bar,
+                          **_video_kwargs(args))
     _report(result, t0)
     return 0
 
@@ -104,12 +115,13 @@ def cmd_i2v(args) -> int:
     width, height = _size(args, "720p")
     te, vae = _load_common(args)
     with _phase("loading DiT experts"):
-        experts = [load_dit(p, device="cpu", dtype=args.dtype) for p in (args.dit, args.dit_low) if p]
+        experts = [load_dit(p, device="cpu", dtype=args.dtype, progress=_bar(f"loading {os.path.basename(p)}"))
+                   for p in (args.dit, args.dit_low) if p]
     for m in experts:
         print(m.load_report.summary())
     result = generate_i2v(experts, vae, te, args.prompt, args.image, width=width, height=height,
                           adaptive_resolution=args.adaptive_resolution, sigma_max=args.sigma_max or 200.0,
-                          boundary=args.boundary, ode=args.ode, callback=_step_bar(args.steps),
+                          boundary=args.boundary, ode=args.ode, callback=_sampling_bar(), progress=_bar,
                           **_video_kwargs(args))
     _report(result, t0)
     return 0

@@ -103,9 +103,9 @@ def sample_latent(models, context, *, shape, steps, sigma_max, seed, y=None, bou
                 _to(m, "cpu")
 
 
-def decode_latent(vae, latent: torch.Tensor, *, tile=None) -> torch.Tensor:
+def decode_latent(vae, latent: torch.Tensor, *, tile=None, progress=None) -> torch.Tensor:
     """Normalized latent -> frames [B, F, H, W, 3] float32 in 0..1 on the CPU."""
-    video = vae.decode(latent.to(vae.device), tile=tile)  # [B,3,F,H,W] in [-1,1]
+    video = vae.decode(latent.to(vae.device), tile=tile, progress=progress)  # [B,3,F,H,W] in [-1,1]
     return ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).float().cpu()
 
 
@@ -131,7 +131,8 @@ def image_to_tensor(image) -> torch.Tensor:
     return t[..., :3].permute(2, 0, 1).contiguous()
 
 
-def i2v_condition(vae, image, *, width: int, height: int, num_frames: int, tile=None) -> torch.Tensor:
+def i2v_condition(vae, image, *, width: int, height: int, num_frames: int, tile=None,
+                  progress=None) -> torch.Tensor:
     """The Wan2.2 I2V condition y [1, 20, T, H/8, W/8]: 4 mask channels + latent of [image, zeros]."""
     validate_size(width, height)
     shape = latent_shape(1, num_frames, height, width)
@@ -140,7 +141,7 @@ def i2v_condition(vae, image, *, width: int, height: int, num_frames: int, tile=
     img = img.clamp(0, 1) * 2 - 1
     video = torch.zeros(1, 3, num_frames, height, width)
     video[:, :, 0] = img[0]
-    latent = vae.encode(video.to(vae.device), tile=tile)  # [1,16,T,h/8,w/8]
+    latent = vae.encode(video.to(vae.device), tile=tile, progress=progress)  # [1,16,T,h/8,w/8]
     mask = torch.zeros(1, 4, *shape[2:], device=latent.device)
     mask[:, :, 0] = 1.0
     return torch.cat([mask, latent.float()], dim=1)
@@ -165,8 +166,12 @@ def generate_t2v(dit, vae, text_encoder, prompt, *, width: int = 832, height: in
                  steps: int = 4, seed: int = 0, sigma_max: float = 80.0, attention: str = "auto",
                  sla_topk: float = 0.1, noise_device: str = "cpu", batch_size: int = 1, vae_tile=None,
                  out=None, fps: float = 16, format: str | None = None, quality: int | None = None,
-                 callback=None) -> GenerationResult:
-    """Text to video with a Wan2.1 T2V TurboWan model. Returns frames (and writes `out` if given)."""
+                 callback=None, progress=None) -> GenerationResult:
+    """Text to video with a Wan2.1 T2V TurboWan model. Returns frames (and writes `out` if given).
+
+    callback(step, steps, x) runs after each sampling step; progress(phase) may return a
+    (done, total) callback for the VAE phases (the CLI's progress bars).
+    """
     shape = latent_shape(batch_size, num_frames, height, width)
     if dit.config.is_i2v:
         raise ValueError(f"{dit.config.variant} is an image-to-video model: use generate_i2v")
@@ -178,7 +183,7 @@ def generate_t2v(dit, vae, text_encoder, prompt, *, width: int = 832, height: in
                                attention=attention, sla_topk=sla_topk, noise_device=noise_device,
                                callback=callback)
     with _timed(timings, "vae decode"):
-        frames = decode_latent(vae, latent, tile=vae_tile)
+        frames = decode_latent(vae, latent, tile=vae_tile, progress=progress and progress("vae decode"))
     return _finish(frames, latent, out, fps, format, quality, timings)
 
 
@@ -187,7 +192,7 @@ def generate_i2v(models, vae, text_encoder, prompt, image, *, width: int = 1280,
                  sigma_max: float = 200.0, boundary: float = 0.9, ode: bool = False, attention: str = "auto",
                  sla_topk: float = 0.1, noise_device: str = "cpu", batch_size: int = 1, vae_tile=None,
                  out=None, fps: float = 16, format: str | None = None, quality: int | None = None,
-                 callback=None) -> GenerationResult:
+                 callback=None, progress=None) -> GenerationResult:
     """Image to video with Wan2.2 I2V A14B: `models` is (high_noise, low_noise) or one expert."""
     experts = list(models) if isinstance(models, (list, tuple)) else [models]
     if not all(m.config.is_i2v for m in experts):
@@ -200,12 +205,13 @@ def generate_i2v(models, vae, text_encoder, prompt, image, *, width: int = 1280,
     with _timed(timings, "text encoder"):
         context = encode_prompts(text_encoder, prompt)
     with _timed(timings, "vae encode"):
-        y = i2v_condition(vae, image, width=width, height=height, num_frames=num_frames, tile=vae_tile)
+        y = i2v_condition(vae, image, width=width, height=height, num_frames=num_frames, tile=vae_tile,
+                          progress=progress and progress("vae encode"))
     with _timed(timings, "sampling"):
         latent = sample_latent(experts, context, shape=shape, steps=steps, sigma_max=sigma_max, seed=seed,
                                y=y.expand(batch_size, -1, -1, -1, -1), boundary=boundary, ode=ode,
                                attention=attention, sla_topk=sla_topk, noise_device=noise_device,
                                callback=callback)
     with _timed(timings, "vae decode"):
-        frames = decode_latent(vae, latent, tile=vae_tile)
+        frames = decode_latent(vae, latent, tile=vae_tile, progress=progress and progress("vae decode"))
     return _finish(frames, latent, out, fps, format, quality, timings)

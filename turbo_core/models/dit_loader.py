@@ -175,8 +175,11 @@ def _neutral(name: str, like: torch.Tensor, device) -> torch.Tensor:
 
 
 def dit_from_state_dict(sd: dict[str, torch.Tensor], *, device=None, dtype=None, source: str = "<state dict>",
-                        linear: str = "auto") -> WanDiT:
-    """Build and fill a WanDiT from a state dict in any accepted layout (meta tensors allowed)."""
+                        linear: str = "auto", progress=None) -> WanDiT:
+    """Build and fill a WanDiT from a state dict in any accepted layout (meta tensors allowed).
+
+    progress(done, total) is called as tensors are moved into the model.
+    """
     device, dtype = default_device(device), parse_dtype(dtype)
     report = LoadReport(source=source, dtype=str(dtype).replace("torch.", ""))
     sd = normalize_keys(dict(sd), report)
@@ -189,7 +192,9 @@ def dit_from_state_dict(sd: dict[str, torch.Tensor], *, device=None, dtype=None,
     targets = dict(model.named_parameters())
     targets.update(model.named_buffers())
     filled = {}
-    for name, like in targets.items():
+    for i, (name, like) in enumerate(targets.items()):
+        if progress and i % 16 == 0:
+            progress(i, len(targets))
         src = sd.pop(name, None)
         if src is not None and tuple(src.shape) == tuple(like.shape):
             filled[name] = src.to(device=device, dtype=like.dtype)
@@ -200,6 +205,8 @@ def dit_from_state_dict(sd: dict[str, torch.Tensor], *, device=None, dtype=None,
         else:
             report.missing.append(name)
         filled[name] = _neutral(name, like, device)
+    if progress:
+        progress(len(targets), len(targets))
     report.unexpected = sorted(sd)
     model.load_state_dict(filled, strict=True, assign=True)
 
@@ -228,14 +235,14 @@ def dit_from_state_dict(sd: dict[str, torch.Tensor], *, device=None, dtype=None,
     return model
 
 
-def load_dit(path, *, device=None, dtype=None, linear: str = "auto") -> WanDiT:
+def load_dit(path, *, device=None, dtype=None, linear: str = "auto", progress=None) -> WanDiT:
     """Load a TurboWan / Wan2.1 / Wan2.2 DiT file (.safetensors or .pth) onto `device`.
 
     dtype: compute dtype, bf16 by default (fp32 for exact checks). int8 weights
     stay int8. linear: "auto" | "w8a8" | "dequant" for int8 checkpoints.
     """
     sd = read_state_dict(path)
-    return dit_from_state_dict(sd, device=device, dtype=dtype, source=str(path), linear=linear)
+    return dit_from_state_dict(sd, device=device, dtype=dtype, source=str(path), linear=linear, progress=progress)
 
 
 def convert_to_safetensors(src, dst) -> LoadReport:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -348,6 +349,26 @@ def _ramp(start: int, end: int, total: int, width: int, device) -> torch.Tensor:
     return w
 
 
+def _tile_count(grid_hw, tiling: Tiling | None, stride: int) -> int:
+    if tiling is None:
+        return 1
+    th, tw, ov = tiling.latent_grid(stride)
+    return len(_spans(grid_hw[0], th, ov)) * len(_spans(grid_hw[1], tw, ov))
+
+
+def _ticker(progress, total: int):
+    """A no-argument callable that reports (done, total) to `progress` on each call."""
+    if progress is None:
+        return None
+    done = [0]
+
+    def tick():
+        done[0] += 1
+        progress(done[0], total)
+
+    return tick
+
+
 def _run_tiled(fn, x: torch.Tensor, grid_hw, tiling: Tiling, s_in: int, s_out: int) -> torch.Tensor:
     """Run `fn` on overlapping spatial tiles of `x` and cross-fade the results.
 
@@ -419,7 +440,7 @@ class WanVAE(nn.Module):
 
     # -- encode --------------------------------------------------------------
 
-    def _encode_full(self, video: torch.Tensor) -> torch.Tensor:
+    def _encode_full(self, video: torch.Tensor, tick=None) -> torch.Tensor:
         """[B, 3, F, H, W] -> float32 normalised latent [B, z, T, H/8, W/8]; whole clip, chunked in time."""
         x = video.to(self.device, self.dtype)
         step = self.temporal_compression
@@ -437,16 +458,19 @@ class WanVAE(nn.Module):
                     out = torch.empty(mu.shape[0], self.z_dim, n_lat, *mu.shape[3:],
                                       device=mu.device, dtype=torch.float32)
                 out[:, :, i:i + 1] = mu
+                if tick:
+                    tick()
         finally:
             cache.clear()
         return out
 
     @torch.inference_mode()
-    def encode(self, video: torch.Tensor, tile=None) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, tile=None, progress=None) -> torch.Tensor:
         """Video [B, 3, F, H, W] in [-1, 1] -> normalised latent [B, 16, 1 + (F-1)/4, H/8, W/8], float32.
 
         F must be 4k+1 and H, W multiples of 8. `tile`: see `Tiling` (None = one piece).
         Any float dtype and device; the result is on the VAE's device.
+        progress(done, total): called after each latent frame of each tile.
         """
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"encode expects a video [B, 3, F, H, W]; got shape {tuple(video.shape)}")
@@ -460,13 +484,15 @@ class WanVAE(nn.Module):
         if h % s or w % s:
             raise ValueError(f"video height and width must be multiples of {s}; got {h}x{w}")
         tiling = _as_tiling(tile)
+        n_lat = 1 + (f - 1) // step
+        tick = _ticker(progress, n_lat * _tile_count((h // s, w // s), tiling, s))
         if tiling is None:
-            return self._encode_full(video)
-        return _run_tiled(self._encode_full, video, (h // s, w // s), tiling, s_in=s, s_out=1)
+            return self._encode_full(video, tick)
+        return _run_tiled(partial(self._encode_full, tick=tick), video, (h // s, w // s), tiling, s_in=s, s_out=1)
 
     # -- decode --------------------------------------------------------------
 
-    def _decode_full(self, latent: torch.Tensor) -> torch.Tensor:
+    def _decode_full(self, latent: torch.Tensor, tick=None) -> torch.Tensor:
         """Normalised latent [B, z, T, h, w] -> float32 video [B, 3, 4(T-1)+1, 8h, 8w]; one latent frame at a time."""
         mean, inv_std = self._stats()
         z = latent.to(self.device, self.dtype)
@@ -483,23 +509,27 @@ class WanVAE(nn.Module):
                 start = 0 if i == 0 else 1 + step * (i - 1)
                 out[:, :, start:start + frames.shape[2]] = frames
                 del frames
+                if tick:
+                    tick()
         finally:
             cache.clear()
         return out
 
     @torch.inference_mode()
-    def decode(self, latent: torch.Tensor, tile=None) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, tile=None, progress=None) -> torch.Tensor:
         """Normalised latent [B, 16, T, h, w] -> video [B, 3, 4(T-1)+1, 8h, 8w], float32, not clamped.
 
         `tile`: see `Tiling` (None = one piece). The result is on the VAE's device.
+        progress(done, total): called after each latent frame of each tile.
         """
         if latent.ndim != 5 or latent.shape[1] != self.z_dim:
             raise ValueError(f"decode expects a latent [B, {self.z_dim}, T, h, w]; got shape {tuple(latent.shape)}")
         tiling = _as_tiling(tile)
-        if tiling is None:
-            return self._decode_full(latent)
         s = self.spatial_compression
-        return _run_tiled(self._decode_full, latent, latent.shape[3:], tiling, s_in=1, s_out=s)
+        tick = _ticker(progress, latent.shape[2] * _tile_count(latent.shape[3:], tiling, s))
+        if tiling is None:
+            return self._decode_full(latent, tick)
+        return _run_tiled(partial(self._decode_full, tick=tick), latent, latent.shape[3:], tiling, s_in=1, s_out=s)
 
 
 # ---------------------------------------------------------------------------
