@@ -4,6 +4,7 @@
   demo        tiny random models, end to end, in seconds on the CPU
   doctor      what this machine can run, and what model files a ComfyUI folder holds
   convert     rewrite a DiT checkpoint as .safetensors
+  queue       send a workflow to a running ComfyUI server and fetch the outputs
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+from .client import add_queue_parser
 from .io.checkpoint import CheckpointError
 
 
@@ -214,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     p.set_defaults(func=cmd_convert)
+
+    add_queue_parser(sub)
     return parser
 
 

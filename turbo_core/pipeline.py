@@ -74,10 +74,11 @@ def encode_prompts(text_encoder, prompts) -> torch.Tensor:
 
 
 def sample_latent(models, context, *, shape, steps, sigma_max, seed, y=None, boundary=0.9, ode=False,
-                  attention="auto", sla_topk=0.1, noise_device="cpu", callback=None, offload_models=True):
-    """rCM sampling with the experts moved to the GPU only while they run."""
+                  attention="auto", sla_topk=0.1, noise_device="cpu", callback=None, offload_models=True,
+                  device=None):
+    """rCM sampling with the experts moved to `device` (default: the GPU) only while they run."""
     experts = list(models) if isinstance(models, (list, tuple)) else [models]
-    device = compute_device(*experts)
+    device = torch.device(device) if device is not None else compute_device(*experts)
     both_fit = _fits(experts, device)
     first = experts[0]
     if both_fit:

@@ -260,6 +260,7 @@ class WanDiT(nn.Module):
             for i in range(cfg.num_layers))
         self.head = Head(cfg, dtype)
         self.load_report = None  # filled by the loader
+        self.between_blocks = None  # optional callable run between blocks (e.g. a host's interrupt check)
         self._rope_cache: dict = {}
 
     @property
@@ -327,6 +328,8 @@ class WanDiT(nn.Module):
         ctx = self.text_embedding(context.to(self.device, dt).expand(b, -1, -1))  # [B,L_ctx,D]
         _, freqs = self.rope(t, h, w)
         for block in self.blocks:
+            if self.between_blocks is not None:
+                self.between_blocks()
             x = block(x, e0, freqs, ctx, attention, sla_topk)
         out = self.head(x, e)  # [B,L,(kt kh kw c)] fp32, c fastest
         out = out.view(b, t, h, w, *PATCH, self.config.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
