@@ -102,6 +102,8 @@ def cmd_t2v(args) -> int:
     with _phase("loading DiT"):
         dit = load_dit(args.dit, device="cpu", dtype=args.dtype, progress=_bar("loading DiT"))
     print(dit.load_report.summary())
+    if args.compile:
+        dit.compile_blocks()
     result = generate_t2v(dit, vae, te, args.prompt, width=width, height=height,
                           sigma_max=args.sigma_max or 80.0, callback=_sampling_bar(), progress=_bar,
                           **_video_kwargs(args))
@@ -121,6 +123,8 @@ def cmd_i2v(args) -> int:
                    for p in (args.dit, args.dit_low) if p]
     for m in experts:
         print(m.load_report.summary())
+        if args.compile:
+            m.compile_blocks()
     result = generate_i2v(experts, vae, te, args.prompt, args.image, width=width, height=height,
                           adaptive_resolution=args.adaptive_resolution, sigma_max=args.sigma_max or 200.0,
                           boundary=args.boundary, ode=args.ode, callback=_sampling_bar(), progress=_bar,
@@ -179,6 +183,8 @@ def _video_args(p, steps_default=4):
                    help="cpu: same seed, same video on any GPU; cuda: reproduce the official scripts")
     p.add_argument("--fps", type=float, default=16)
     p.add_argument("--quality", type=int, default=None, help="0-100 (default: visually lossless-ish)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT blocks (about 20%% faster steps after a one-time warm-up)")
 
 
 def build_parser() -> argparse.ArgumentParser:
