@@ -1,12 +1,13 @@
 """ComfyUI adapters: inputs -> one turbo_core call -> outputs. No math here.
 
 Custom types between the pack's nodes (see common.py): TURBO_DIT, TURBO_VAE,
-TURBO_TEXT_ENCODER, TURBO_I2V. Everything else is ComfyUI's own: CONDITIONING,
+TURBO_TEXT_ENCODER, TURBO_I2V, TURBO_MULTI_GPU. Everything else is ComfyUI's own: CONDITIONING,
 LATENT (Wan convention, un-normalised), IMAGE.
 """
 from .common import ensure_engine, register_model_folders
 from .conditioning import TurboDiffusionImageToVideo, TurboDiffusionTextEncode
 from .loaders import TurboDiffusionModelLoader, TurboDiffusionUMT5Loader, TurboDiffusionVAELoader
+from .multi_gpu import TurboDiffusionMultiGPU
 from .sampler import TurboSampler
 from .video import TurboDiffusionSaveVideo, TurboDiffusionVAEDecode
 
@@ -20,6 +21,7 @@ NODE_CLASS_MAPPINGS = {
     "TurboDiffusionTextEncode": TurboDiffusionTextEncode,
     "TurboDiffusionImageToVideo": TurboDiffusionImageToVideo,
     "TurboSampler": TurboSampler,
+    "TurboDiffusionMultiGPU": TurboDiffusionMultiGPU,
     "TurboDiffusionVAEDecode": TurboDiffusionVAEDecode,
     "TurboDiffusionSaveVideo": TurboDiffusionSaveVideo,
 }
@@ -31,6 +33,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TurboDiffusionTextEncode": "TurboDiffusion Text Encode",
     "TurboDiffusionImageToVideo": "TurboDiffusion Image To Video",
     "TurboSampler": "TurboSampler",
+    "TurboDiffusionMultiGPU": "TurboDiffusion Multi-GPU",
     "TurboDiffusionVAEDecode": "TurboDiffusion VAE Decode",
     "TurboDiffusionSaveVideo": "TurboDiffusion Save Video",
 }

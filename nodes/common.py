@@ -20,6 +20,7 @@ DIT = "TURBO_DIT"  # turbo_core WanDiT (with .load_report), on the CPU between r
 VAE = "TURBO_VAE"  # turbo_core WanVAE
 TEXT_ENCODER = "TURBO_TEXT_ENCODER"  # turbo_core TextEncoder (umT5 + tokenizer)
 I2V = "TURBO_I2V"  # dict: y [1, 20, T, H/8, W/8] float32 CPU, width, height, num_frames
+MULTI_GPU = "TURBO_MULTI_GPU"  # dict: devices ["cuda:0", "cuda:1"] for turbo_core.workers
 
 # ComfyUI folder names (2024 name, newest name) this pack lists files from.
 MODEL_FOLDERS = {"diffusion_models": "unet", "text_encoders": "clip"}

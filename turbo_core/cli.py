@@ -1,6 +1,7 @@
 """`python -m turbo_core COMMAND ...` — the command-line face of the engine.
 
-  t2v / i2v   generate a video from model files
+  t2v / i2v   generate a video from model files; on several GPUs with
+              `torchrun --nproc-per-node N -m turbo_core t2v ...` (sequence parallel)
   demo        tiny random models, end to end, in seconds on the CPU
   doctor      what this machine can run, and what model files a ComfyUI folder holds
   convert     rewrite a DiT checkpoint as .safetensors
@@ -20,19 +21,26 @@ from .client import add_queue_parser
 from .io.checkpoint import CheckpointError
 
 
+_LEAD = True  # False on the ranks > 0 of a torchrun group: they compute and stay quiet
+
+
 @contextmanager
 def _phase(name: str):
     """Says what is happening and how long it took (sampling also gets a tqdm bar)."""
     t0 = time.perf_counter()
-    print(f"{name} ...", flush=True)
+    if _LEAD:
+        print(f"{name} ...", flush=True)
     yield
-    print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    if _LEAD:
+        print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def _bar(desc: str):
     """A (done, total) callback that drives a tqdm bar, opened on first use."""
     from tqdm import tqdm
 
+    if not _LEAD:
+        return lambda done, total: None
     bar = None
 
     def update(done, total):
@@ -88,8 +96,25 @@ def _load_common(args):
 
 def _video_kwargs(args):
     return dict(steps=args.steps, seed=args.seed, attention=args.attention, sla_topk=args.sla_topk,
-                noise_device=args.noise_device, vae_tile=True if args.vae_tiling else None, out=args.out,
-                fps=args.fps, quality=args.quality, num_frames=args.frames)
+                noise_device=args.noise_device, vae_tile=True if args.vae_tiling else None,
+                out=args.out if _LEAD else None, fps=args.fps, quality=args.quality, num_frames=args.frames)
+
+
+@contextmanager
+def _torchrun_group():
+    """Under `torchrun --nproc-per-node N` (N > 1): join the group for sequence-parallel sampling
+    (turbo_core.parallel); rank 0 encodes, decodes, prints and writes the video. Else None."""
+    global _LEAD
+    from .parallel import ParallelError, init_from_env, shutdown
+
+    sp = init_from_env()
+    _LEAD = sp is None or sp.is_lead
+    try:
+        yield sp
+    except ParallelError as err:
+        raise SystemExit(f"error: {err}") from None
+    finally:
+        shutdown()
 
 
 def cmd_t2v(args) -> int:
@@ -98,16 +123,21 @@ def cmd_t2v(args) -> int:
 
     t0 = time.perf_counter()
     width, height = _size(args, "480p")
-    te, vae = _load_common(args)
-    with _phase("loading DiT"):
-        dit = load_dit(args.dit, device="cpu", dtype=args.dtype, progress=_bar("loading DiT"))
-    print(dit.load_report.summary())
-    if args.compile:
-        dit.compile_blocks()
-    result = generate_t2v(dit, vae, te, args.prompt, width=width, height=height,
-                          sigma_max=args.sigma_max or 80.0, callback=_sampling_bar(), progress=_bar,
-                          **_video_kwargs(args))
-    _report(result, t0)
+    with _torchrun_group() as sp:
+        with _phase("loading DiT"):
+            dit = load_dit(args.dit, device="cpu", dtype=args.dtype, progress=_bar("loading DiT"))
+        if sp is not None:
+            sp.check_heads(dit.config.num_heads, dit.config.variant)
+        if _LEAD:
+            print(dit.load_report.summary())
+        te, vae = _load_common(args) if _LEAD else (None, None)
+        if args.compile:
+            dit.compile_blocks()
+        result = generate_t2v(dit, vae, te, args.prompt, width=width, height=height,
+                              sigma_max=args.sigma_max or 80.0, callback=_sampling_bar(), progress=_bar,
+                              parallel=sp, **_video_kwargs(args))
+    if _LEAD:
+        _report(result, t0)
     return 0
 
 
@@ -117,19 +147,24 @@ def cmd_i2v(args) -> int:
 
     t0 = time.perf_counter()
     width, height = _size(args, "720p")
-    te, vae = _load_common(args)
-    with _phase("loading DiT experts"):
-        experts = [load_dit(p, device="cpu", dtype=args.dtype, progress=_bar(f"loading {os.path.basename(p)}"))
-                   for p in (args.dit, args.dit_low) if p]
-    for m in experts:
-        print(m.load_report.summary())
-        if args.compile:
-            m.compile_blocks()
-    result = generate_i2v(experts, vae, te, args.prompt, args.image, width=width, height=height,
-                          adaptive_resolution=args.adaptive_resolution, sigma_max=args.sigma_max or 200.0,
-                          boundary=args.boundary, ode=args.ode, callback=_sampling_bar(), progress=_bar,
-                          **_video_kwargs(args))
-    _report(result, t0)
+    with _torchrun_group() as sp:
+        with _phase("loading DiT experts"):
+            experts = [load_dit(p, device="cpu", dtype=args.dtype, progress=_bar(f"loading {os.path.basename(p)}"))
+                       for p in (args.dit, args.dit_low) if p]
+        for m in experts:
+            if sp is not None:
+                sp.check_heads(m.config.num_heads, m.config.variant)
+            if _LEAD:
+                print(m.load_report.summary())
+            if args.compile:
+                m.compile_blocks()
+        te, vae = _load_common(args) if _LEAD else (None, None)
+        result = generate_i2v(experts, vae, te, args.prompt, args.image, width=width, height=height,
+                              adaptive_resolution=args.adaptive_resolution, sigma_max=args.sigma_max or 200.0,
+                              boundary=args.boundary, ode=args.ode, callback=_sampling_bar(), progress=_bar,
+                              parallel=sp, **_video_kwargs(args))
+    if _LEAD:
+        _report(result, t0)
     return 0
 
 
@@ -233,5 +268,5 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}" if _LEAD else f"rank {os.environ.get('RANK')}: error: {err}", file=sys.stderr)
         return 2

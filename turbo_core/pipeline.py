@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .sampling.rcm import rcm_sample
+from .sampling.rcm import draw_noise, rcm_sample
 from .sampling.sizes import adaptive_size, latent_shape, validate_size
 
 log = logging.getLogger("turbo_core")
@@ -23,7 +23,7 @@ log = logging.getLogger("turbo_core")
 
 @dataclass
 class GenerationResult:
-    frames: torch.Tensor  # [B, F, H, W, 3] float32 in 0..1 (ComfyUI IMAGE layout per sample)
+    frames: torch.Tensor | None  # [B, F, H, W, 3] float32 in 0..1 (ComfyUI IMAGE layout); None off rank 0
     latent: torch.Tensor  # [B, 16, T, H/8, W/8] normalized latent
     paths: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -75,9 +75,19 @@ def encode_prompts(text_encoder, prompts) -> torch.Tensor:
 
 def sample_latent(models, context, *, shape, steps, sigma_max, seed, y=None, boundary=0.9, ode=False,
                   attention="auto", sla_topk=0.1, noise_device="cpu", callback=None, offload_models=True,
-                  device=None):
-    """rCM sampling with the experts moved to `device` (default: the GPU) only while they run."""
+                  device=None, parallel=None):
+    """rCM sampling with the experts moved to `device` (default: the GPU) only while they run.
+
+    parallel: a turbo_core.parallel.SequenceParallel; every rank of the group calls this with
+    the same arguments and gets the same latent. context, y and the noise are rank 0's
+    (broadcast; the other ranks may pass None for context and y); `device` is the rank's.
+    """
     experts = list(models) if isinstance(models, (list, tuple)) else [models]
+    noise = None
+    if parallel is not None:
+        for m in experts:
+            parallel.check_heads(m.config.num_heads, m.config.variant)
+        device = parallel.device
     device = torch.device(device) if device is not None else compute_device(*experts)
     both_fit = _fits(experts, device)
     first = experts[0]
@@ -85,7 +95,14 @@ def sample_latent(models, context, *, shape, steps, sigma_max, seed, y=None, bou
         for m in experts:
             _to(m, device)
     else:
+        for m in experts[1:]:  # one at a time (a previous run may have left another one on the GPU)
+            _to(m, "cpu")
         _to(first, device)
+    if parallel is not None:
+        context, y = parallel.broadcast(context), parallel.broadcast(y)
+        noise_at = device if str(noise_device) == "model" else torch.device(noise_device)
+        drawn = draw_noise(shape, steps=steps, seed=seed, ode=ode, device=noise_at) if parallel.is_lead else []
+        noise = [parallel.broadcast(drawn[i] if drawn else None) for i in range(1 if ode else steps + 1)]
 
     def offload(active, inactive):
         if not both_fit:
@@ -93,12 +110,18 @@ def sample_latent(models, context, *, shape, steps, sigma_max, seed, y=None, bou
             _to(active, device)
 
     try:
+        if parallel is not None:
+            for m in experts:  # WanDiT.forward runs this rank's share of the tokens
+                m.parallel = parallel
         return rcm_sample(experts if len(experts) > 1 else first, context.to(device), latent_shape=shape,
                           steps=steps, sigma_max=sigma_max, seed=seed,
-                          y=None if y is None else y.to(device), boundary=boundary, ode=ode,
+                          y=None if y is None else y.to(device), boundary=boundary, ode=ode, noise=noise,
                           noise_device=noise_device, attention=attention, sla_topk=sla_topk,
                           callback=callback, offload=offload)
     finally:
+        if parallel is not None:
+            for m in experts:
+                m.parallel = None
         if offload_models and device.type == "cuda":
             for m in experts:
                 _to(m, "cpu")
@@ -167,22 +190,28 @@ def generate_t2v(dit, vae, text_encoder, prompt, *, width: int = 832, height: in
                  steps: int = 4, seed: int = 0, sigma_max: float = 80.0, attention: str = "auto",
                  sla_topk: float = 0.1, noise_device: str = "cpu", batch_size: int = 1, vae_tile=None,
                  out=None, fps: float = 16, format: str | None = None, quality: int | None = None,
-                 callback=None, progress=None) -> GenerationResult:
+                 callback=None, progress=None, parallel=None) -> GenerationResult:
     """Text to video with a Wan2.1 T2V TurboWan model. Returns frames (and writes `out` if given).
 
     callback(step, steps, x) runs after each sampling step; progress(phase) may return a
     (done, total) callback for the VAE phases (the CLI's progress bars).
+    parallel: a turbo_core.parallel.SequenceParallel (every rank calls this). Only rank 0
+    encodes the prompt and decodes (the others may pass None for vae and text_encoder);
+    the other ranks return frames=None.
     """
     shape = latent_shape(batch_size, num_frames, height, width)
     if dit.config.is_i2v:
         raise ValueError(f"{dit.config.variant} is an image-to-video model: use generate_i2v")
+    lead = parallel is None or parallel.is_lead
     timings: dict[str, float] = {}
     with _timed(timings, "text encoder"):
-        context = encode_prompts(text_encoder, prompt)
+        context = encode_prompts(text_encoder, prompt) if lead else None
     with _timed(timings, "sampling"):
         latent = sample_latent(dit, context, shape=shape, steps=steps, sigma_max=sigma_max, seed=seed,
                                attention=attention, sla_topk=sla_topk, noise_device=noise_device,
-                               callback=callback)
+                               callback=callback, parallel=parallel)
+    if not lead:
+        return GenerationResult(frames=None, latent=latent, timings=timings)
     with _timed(timings, "vae decode"):
         frames = decode_latent(vae, latent, tile=vae_tile, progress=progress and progress("vae decode"))
     return _finish(frames, latent, out, fps, format, quality, timings)
@@ -193,8 +222,11 @@ def generate_i2v(models, vae, text_encoder, prompt, image, *, width: int = 1280,
                  sigma_max: float = 200.0, boundary: float = 0.9, ode: bool = False, attention: str = "auto",
                  sla_topk: float = 0.1, noise_device: str = "cpu", batch_size: int = 1, vae_tile=None,
                  out=None, fps: float = 16, format: str | None = None, quality: int | None = None,
-                 callback=None, progress=None) -> GenerationResult:
-    """Image to video with Wan2.2 I2V A14B: `models` is (high_noise, low_noise) or one expert."""
+                 callback=None, progress=None, parallel=None) -> GenerationResult:
+    """Image to video with Wan2.2 I2V A14B: `models` is (high_noise, low_noise) or one expert.
+
+    parallel: as in generate_t2v (only rank 0 encodes the prompt and the image, and decodes).
+    """
     experts = list(models) if isinstance(models, (list, tuple)) else [models]
     if not all(m.config.is_i2v for m in experts):
         raise ValueError("generate_i2v needs Wan2.2 I2V models (36 input channels); this is a text-to-video model")
@@ -202,17 +234,22 @@ def generate_i2v(models, vae, text_encoder, prompt, image, *, width: int = 1280,
         img = image_to_tensor(image)
         width, height = adaptive_size(img.shape[2], img.shape[1], width, height)
     shape = latent_shape(batch_size, num_frames, height, width)
+    lead = parallel is None or parallel.is_lead
     timings: dict[str, float] = {}
-    with _timed(timings, "text encoder"):
-        context = encode_prompts(text_encoder, prompt)
-    with _timed(timings, "vae encode"):
-        y = i2v_condition(vae, image, width=width, height=height, num_frames=num_frames, tile=vae_tile,
-                          progress=progress and progress("vae encode"))
+    context = y = None
+    if lead:
+        with _timed(timings, "text encoder"):
+            context = encode_prompts(text_encoder, prompt)
+        with _timed(timings, "vae encode"):
+            y = i2v_condition(vae, image, width=width, height=height, num_frames=num_frames, tile=vae_tile,
+                              progress=progress and progress("vae encode")).expand(batch_size, -1, -1, -1, -1)
     with _timed(timings, "sampling"):
         latent = sample_latent(experts, context, shape=shape, steps=steps, sigma_max=sigma_max, seed=seed,
-                               y=y.expand(batch_size, -1, -1, -1, -1), boundary=boundary, ode=ode,
+                               y=y, boundary=boundary, ode=ode,
                                attention=attention, sla_topk=sla_topk, noise_device=noise_device,
-                               callback=callback)
+                               callback=callback, parallel=parallel)
+    if not lead:
+        return GenerationResult(frames=None, latent=latent, timings=timings)
     with _timed(timings, "vae decode"):
         frames = decode_latent(vae, latent, tile=vae_tile, progress=progress and progress("vae decode"))
     return _finish(frames, latent, out, fps, format, quality, timings)

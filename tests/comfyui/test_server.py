@@ -6,7 +6,7 @@ from comfyui.server import PACK_NAME
 
 pytestmark = pytest.mark.comfyui
 
-CUSTOM_TYPES = {"TURBO_DIT", "TURBO_VAE", "TURBO_TEXT_ENCODER", "TURBO_I2V"}
+CUSTOM_TYPES = {"TURBO_DIT", "TURBO_VAE", "TURBO_TEXT_ENCODER", "TURBO_I2V", "TURBO_MULTI_GPU"}
 
 # node class -> (required inputs, optional inputs, outputs)
 EXPECTED = {
@@ -17,7 +17,9 @@ EXPECTED = {
     "TurboDiffusionImageToVideo": (["vae", "image", "width", "height", "num_frames", "adaptive_resolution"], [],
                                    ["TURBO_I2V"]),
     "TurboSampler": (["model", "positive", "width", "height", "num_frames", "steps", "attention_type", "sla_topk",
-                      "sigma_max", "seed", "boundary", "ode", "noise_device"], ["low_noise_model", "i2v"], ["LATENT"]),
+                      "sigma_max", "seed", "boundary", "ode", "noise_device"], ["low_noise_model", "i2v", "multi_gpu"],
+                     ["LATENT"]),
+    "TurboDiffusionMultiGPU": (["devices"], [], ["TURBO_MULTI_GPU"]),
     "TurboDiffusionVAEDecode": (["vae", "samples", "tiling"], [], ["IMAGE"]),
     "TurboDiffusionSaveVideo": (["images", "fps", "format", "quality", "filename_prefix"], [], []),
 }

@@ -167,12 +167,15 @@ class SelfAttention(nn.Module):
         p = self.attn_op.local_attn.proj_l
         return p.weight, p.bias
 
-    def forward(self, x, freqs, attention: str, sla_topk: float):
+    def forward(self, x, freqs, attention: str, sla_topk: float, shard=None):
         b, n, _ = x.shape
         q = apply_rope(self.norm_q(self.q(x)).view(b, n, self.heads, HEAD_DIM), freqs)
         k = apply_rope(self.norm_k(self.k(x)).view(b, n, self.heads, HEAD_DIM), freqs)
         v = self.v(x).view(b, n, self.heads, HEAD_DIM)
-        out = self_attention(q, k, v, attention, proj_l=self.proj_l, topk=sla_topk)  # [B,L,H,128]
+        if shard is None:
+            out = self_attention(q, k, v, attention, proj_l=self.proj_l, topk=sla_topk)  # [B,L,H,128]
+        else:  # sequence parallel: all-to-all, full sequence for H/N heads, all-to-all back
+            out = shard.attention(self_attention, q, k, v, attention, proj_l=self.proj_l, topk=sla_topk)
         return self.o(out.flatten(2))
 
 
@@ -209,11 +212,11 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(make_linear(d, cfg.ffn_dim, "ffn.0" in int8, dtype), nn.GELU(approximate="tanh"),
                                  make_linear(cfg.ffn_dim, d, "ffn.2" in int8, dtype))
 
-    def forward(self, x, e0, freqs, ctx, attention, sla_topk):
+    def forward(self, x, e0, freqs, ctx, attention, sla_topk, shard=None):
         # e0 [B,6,D] fp32 -> shift/scale/gate for self-attention, then for the FFN
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
         h = torch.addcmul(shift_sa, self.norm1(x).float(), 1 + scale_sa).to(x.dtype)
-        x = x + self.self_attn(h, freqs, attention, sla_topk) * gate_sa.to(x.dtype)  # bf16, as upstream
+        x = x + self.self_attn(h, freqs, attention, sla_topk, shard) * gate_sa.to(x.dtype)  # bf16, as upstream
         x = x + self.cross_attn(self.norm3(x), ctx)
         h = torch.addcmul(shift_ff, self.norm2(x).float(), 1 + scale_ff).to(x.dtype)
         return x + self.ffn(h) * gate_ff.to(x.dtype)
@@ -261,6 +264,7 @@ class WanDiT(nn.Module):
         self.head = Head(cfg, dtype)
         self.load_report = None  # filled by the loader
         self.between_blocks = None  # optional callable run between blocks (e.g. a host's interrupt check)
+        self.parallel = None  # a turbo_core.parallel.SequenceParallel: this rank's share of the tokens
         self._rope_cache: dict = {}
 
     @property
@@ -322,16 +326,22 @@ class WanDiT(nn.Module):
         t, h, w = t // PATCH[0], h // PATCH[1], w // PATCH[2]
         # patchify: token order (t h w), each patch flattened (c, kt, kh, kw), c slowest
         tokens = x.view(b, c, t, PATCH[0], h, PATCH[1], w, PATCH[2]).permute(0, 2, 4, 6, 1, 3, 5, 7)
-        x = self.patch_embedding(tokens.reshape(b, t * h * w, -1))  # [B,L,D]
+        tokens = tokens.reshape(b, t * h * w, -1)
+        _, freqs = self.rope(t, h, w)
+        shard = None if self.parallel is None else self.parallel.shard(t * h * w)
+        if shard is not None:  # sequence parallel: this rank's L/N tokens and their RoPE angles
+            tokens, freqs = shard.local(tokens, 1), shard.local(freqs, 0)
+        x = self.patch_embedding(tokens)  # [B,L,D]
 
         e, e0 = self.time_embed(timestep.expand(b))
         ctx = self.text_embedding(context.to(self.device, dt).expand(b, -1, -1))  # [B,L_ctx,D]
-        _, freqs = self.rope(t, h, w)
         for block in self.blocks:
             if self.between_blocks is not None:
                 self.between_blocks()
-            x = block(x, e0, freqs, ctx, attention, sla_topk)
+            x = block(x, e0, freqs, ctx, attention, sla_topk, shard)
         out = self.head(x, e)  # [B,L,(kt kh kw c)] fp32, c fastest
+        if shard is not None:
+            out = shard.gather(out, 1)  # every rank: all L tokens
         out = out.view(b, t, h, w, *PATCH, self.config.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, self.config.out_dim, t * PATCH[0], h * PATCH[1], w * PATCH[2])
 

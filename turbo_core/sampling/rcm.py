@@ -15,7 +15,7 @@ import torch
 from .sizes import RESOLUTIONS, adaptive_size, latent_shape, validate_frames, validate_size
 
 __all__ = [
-    "MID_ANGLES", "MAX_STEPS", "rcm_timesteps", "network_timestep", "rcm_sample",
+    "MID_ANGLES", "MAX_STEPS", "rcm_timesteps", "network_timestep", "rcm_sample", "draw_noise",
     "RESOLUTIONS", "adaptive_size", "latent_shape", "validate_frames", "validate_size",
 ]
 
@@ -75,6 +75,20 @@ def _injected_noise(noise, shape: tuple, needed: int) -> list[torch.Tensor]:
         if tuple(n.shape) != shape:
             raise ValueError(f"noise[{i}] has shape {tuple(n.shape)}, expected {shape}")
     return items[:needed]
+
+
+def draw_noise(latent_shape: Sequence[int], *, steps: int, seed: int, ode: bool = False,
+               device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """The noise rcm_sample draws for `seed`, in its order: [initial, step 1, ..., step N] ([initial] for ODE).
+
+    rcm_sample(noise=draw_noise(...)) equals rcm_sample(seed=...) bit for bit; a
+    sequence-parallel run draws it on rank 0 and broadcasts it.
+    """
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    shape = tuple(int(s) for s in latent_shape)
+    count = 1 if ode else int(steps) + 1
+    return [torch.randn(shape, dtype=torch.float32, device=device, generator=gen) for _ in range(count)]
 
 
 class _Conditioning:
