@@ -8,7 +8,7 @@
     Triton (full forward = block map + linear-branch state + fused kernel; and the
     parts), our SageSLA-class (int8 QK + fp8 V, and int8 QK + bf16 V).
 (c) W8A8 linear at M=32760, (K,N) in (1536,1536) (1536,8960) (8960,1536) (5120,13824):
-    activation quant + int8 GEMM (exact and FMA-fused variants, and each part) vs
+    activation quant + int8 GEMM (bit-exact; every config checked at full size; and each part) vs
     bf16 F.linear (cuBLAS); plus bf16 cuBLAS TFLOP/s at 8192^3.
 
 Times are medians of triton.testing.do_bench (warmup/rep in ms). A function whose
@@ -37,6 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 T0 = time.time()
 DEV = "cuda"  # "cpu" only with --smoke (TRITON_INTERPRET=1, tiny shapes: checks the script, not the speed)
 RESULTS: list[dict] = []
+TUNING: list = []  # (case, kernel, [(config, autotune ms)])
+NO_SDPA = False
 CHECKS: dict = {}
 INFO: dict = {}
 
@@ -142,24 +144,41 @@ def attention_case(name, n, h, topk, rep, big):
     smap, _ = block_map(qs.transpose(1, 2), ks_.transpose(1, 2), topk)
     mine = sla_triton.lut_to_map(lut, nk)
     ref = sla_attention(qs, ks_, vs, w, b, topk=topk)
+    rows = min(n, 4 * 128)
+    # every SLA config (explicitly: these compiles are the ones autotuning uses later)
+    cfg_err = {}
+    for cfg in sla_triton.usable_configs(sla_triton.ATTN_CONFIGS, 128, False, False):
+        o = sla_triton.attention_launch(qs, ks_, vs, lut, proj_w=w, proj_b=b, config=cfg)
+        cfg_err[_cfg_name(cfg)] = round(rel_l2(o, ref), 6)
     out = sla_triton.sla_forward(qs, ks_, vs, w, b, topk)
+    # SageSLA-class on its own block map (64 x 128 on sm90): the sparse part against fp32
+    # attention over the same blocks plus the reference linear branch (first 4 query blocks)
+    bq, bk = sagesla_triton.default_blocks()
+    lut_s = sla_triton.block_lut(qs, ks_, topk, bq, bk)
+    expect_s = _dense_on_selection(qs[:, :rows], ks_, vs, lut_s[:, :, :-(-rows // bq)], bq, bk) \
+        + _linear_branch(qs[:, :rows], ks_, vs, w, b)
+    sage_err = {}
+    for v_fp8 in (True, False):
+        for cfg in sla_triton.usable_configs(sla_triton.ATTN_CONFIGS, bq, True, v_fp8):
+            o = sagesla_triton.sagesla_forward(qs, ks_, vs, w, b, topk, v_fp8=v_fp8, config=cfg)
+            sage_err[("fp8v " if v_fp8 else "bf16v ") + _cfg_name(cfg)] = round(rel_l2(o[:, :rows], expect_s), 5)
     s8 = sagesla_triton.sagesla_forward(qs, ks_, vs, w, b, topk, v_fp8=True)
     s16 = sagesla_triton.sagesla_forward(qs, ks_, vs, w, b, topk, v_fp8=False)
-    # sparse branch alone vs fp32 attention over the same blocks (first 4 query blocks)
-    o_sparse = sla_triton.attention_launch(qs, ks_, vs, lut)
-    o_sage = sagesla_triton.sagesla_forward(qs, ks_, vs, None, None, topk, v_fp8=True)
-    rows = min(n, 4 * 128)
-    dense_sel = _dense_on_selection(qs[:, :rows], ks_, vs, lut[:, :, :4])
     CHECKS[case] = dict(
         kk=kk,
         map_mismatched_blocks=int((mine != smap).sum()), map_blocks=int(smap.numel()),
         sla_vs_reference_rel_l2=rel_l2(out, ref), sla_vs_reference_max_abs=max_abs(out, ref),
-        sla_sparse_vs_fp32_on_selection_rel_l2=rel_l2(o_sparse[:, :rows], dense_sel),
-        sage_fp8v_sparse_vs_fp32_on_selection_rel_l2=rel_l2(o_sage[:, :rows], dense_sel),
+        sla_config_vs_reference_rel_l2_max=max(cfg_err.values()),
+        sage_blocks=f"{bq}x{bk}",
+        sage_fp8v_vs_fp32_on_selection_rel_l2=rel_l2(s8[:, :rows], expect_s),
+        sage_bf16v_vs_fp32_on_selection_rel_l2=rel_l2(s16[:, :rows], expect_s),
+        sage_config_rel_l2_max=max(sage_err.values()),
         sagesla_fp8v_vs_sla_rel_l2=rel_l2(s8, out), sagesla_bf16v_vs_sla_rel_l2=rel_l2(s16, out),
     )
+    INFO.setdefault("attention_config_errors", {})[case] = dict(sla=cfg_err, sage=sage_err)
     log(f"check {case}: {CHECKS[case]}")
-    del ref, out, s8, s16, o_sparse, o_sage, dense_sel
+    log(f"  per config: {cfg_err} {sage_err}")
+    del ref, out, s8, s16, expect_s
     torch.cuda.empty_cache()
 
     # ---- timing, all heads
@@ -167,7 +186,7 @@ def attention_case(name, n, h, topk, rep, big):
     sparse_flops = 4 * h * n * kk * 64 * d
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # what the DiT's dense path passes to SDPA
     base = None
-    for label, ctx in sdpa_backends():
+    for label, ctx in ([] if NO_SDPA else sdpa_backends()):
         if big and label == "sdpa efficient":
             continue  # ~2 s a call at 14B; flash/cuDNN are the relevant baselines
         def run(ctx=ctx):
@@ -187,14 +206,19 @@ def attention_case(name, n, h, topk, rep, big):
 
     lut = sla_triton.block_lut(q, k, topk)
     state = sla_triton.linear_state(k, v)
+    sla_triton.attention_launch(q, k, v, lut, proj_w=w, proj_b=b, linear=state)  # autotunes
+    tuned = sla_triton._tuned.get(("attn", n, h, 1, kk, d, 128, 64, True, False, False))
     runs = [
         ("SLA triton (full, proj_l)", lambda: sla_triton.sla_forward(q, k, v, w, b, topk)),
         ("  block map (pool+topk)", lambda: sla_triton.block_lut(q, k, topk)),
         ("  linear state phi(k)^T v", lambda: sla_triton.linear_state(k, v)),
         ("  attn kernel + linear epilogue", lambda: sla_triton.attention_launch(q, k, v, lut, proj_w=w, proj_b=b,
                                                                                linear=state)),
-        ("  attn kernel, sparse only", lambda: sla_triton.attention_launch(q, k, v, lut)),
+        ("  attn kernel, sparse only", lambda: sla_triton.attention_launch(q, k, v, lut, config=tuned)),
         ("SageSLA int8 QK + fp8 V (full)", lambda: sagesla_triton.sagesla_forward(q, k, v, w, b, topk, v_fp8=True)),
+        ("  sage block map + q/k int8", lambda: sla_triton.block_lut(q, k, topk, *sagesla_triton.default_blocks(),
+                                                                      quant=True)),
+        ("  sage V -> fp8 V^T", lambda: sagesla_triton.quantize_v_fp8(v)),
         ("SageSLA int8 QK + bf16 V (full)", lambda: sagesla_triton.sagesla_forward(q, k, v, w, b, topk,
                                                                                      v_fp8=False)),
     ]
@@ -203,8 +227,27 @@ def attention_case(name, n, h, topk, rep, big):
         ms = bench_ms(fn, rep)
         record(case, label, ms, flops, base if "full" in label else None)
     INFO.setdefault("tuned_attention", {}).update({str(key): cfg for key, cfg in sla_triton._tuned.items()})
+    for key, times in sla_triton.TUNE_TIMES.items():
+        if key[0] == "linear_state" and key[1] == n and key[3] == h:
+            TUNING.append((case, "linear state", [(_cfg_name(c), round(t, 3)) for c, t in times]))
+        elif key[0] == "attn" and key[1] == n and key[2] == h:
+            TUNING.append((case, ("sage " if key[-2] else "SLA ") + ("fp8v " if key[-1] else "") + f"{key[6]}x{key[7]}",
+                           [(_cfg_name(c), round(t, 3)) for c, t in times]))
     del q, k, v, qt, kt, vt, lut, state
     torch.cuda.empty_cache()
+
+
+def _cfg_name(cfg) -> str:
+    short = dict(BLOCK_M="M", BLOCK_N="N", CHUNK_N="C", GROUP_M="G", num_warps="w", num_stages="s")
+    return " ".join(f"{short.get(k, k)}{int(v) if isinstance(v, bool) else v}" for k, v in cfg.items())
+
+
+def _linear_branch(q, k, v, w, b):
+    """proj_l(linear attention) of q's rows over all of k, v, [B,L,H,D] bf16 (the reference's branch)."""
+    from turbo_core.attention.sla_reference import linear_attention
+
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    return F.linear(linear_attention(qt, kt, vt), w, b).transpose(1, 2)
 
 
 def _dense_on_selection(q, k, v, lut, blkq=128, blkk=64):
@@ -231,35 +274,40 @@ def w8a8_case(m, kdim, n, rep):
     bias = (0.1 * torch.randn(n, device=DEV, generator=g)).to(torch.bfloat16)
     qw, sw = quantize_int8(wf)
     case = f"W8A8 M={m} K={kdim} N={n}"
-    exact, fast = w8a8_triton.W8A8Kernel(exact=True), w8a8_triton.W8A8Kernel(exact=False)
+    kern = w8a8_triton.W8A8Kernel()
 
-    # ---- correctness (rows slice for the reference; quantisation on everything)
+    # ---- correctness: codes/scales on everything; the GEMM of every config at full size,
+    # compared on the first 1024 rows and the last (partial) row tile with the reference
     xq, xs = w8a8_triton.quantize_act(x)
     rq, rs = quantize_int8(x)
-    xsl = x[:1024]
-    ref = w8a8_linear_reference(xsl, qw, sw, bias)
-    ye, yf = exact(xsl, qw, sw, bias), fast(xsl, qw, sw, bias)
-
-    def ulp(a, b):  # max |a-b| in units of b's bf16 ulp
-        step = torch.exp2(torch.floor(torch.log2(b.float().abs().clamp_min(1e-30))) - 7)
-        return float(((a.float() - b.float()).abs() / step).max())
-
+    last = (m - 1) // 128 * 128
+    slices = [slice(0, min(m, 1024)), slice(last, m)]
+    refs = [w8a8_linear_reference(x[sl], qw, sw, bias) for sl in slices]
+    mism = {}
+    for cfg in w8a8_triton.GEMM_CONFIGS:
+        y = w8a8_triton.w8a8_gemm(xq, xs, qw, sw, bias, config=cfg)
+        mism[_cfg_name(cfg)] = sum(int((y[sl] != r).sum()) for sl, r in zip(slices, refs))
+    ye = kern(x[:1024], qw, sw, bias)
     CHECKS[case] = dict(
         quant_codes_equal=bool(torch.equal(xq, rq)), quant_scales_equal=bool(torch.equal(xs, rs)),
-        gemm_exact_mismatches=int((ye != ref).sum()), gemm_exact_max_ulp=ulp(ye, ref),
-        gemm_fast_mismatches=int((yf != ref).sum()), gemm_fast_max_ulp=ulp(yf, ref),
-        vs_dense_bf16_rel_l2=rel_l2(ye, F.linear(xsl, wf, bias)),
+        gemm_exact_mismatches=int((ye != refs[0]).sum()),
+        gemm_every_config_full_size_mismatches=sum(mism.values()),
+        vs_dense_bf16_rel_l2=rel_l2(ye, F.linear(x[:1024], wf, bias)),
     )
-    log(f"check {case}: {CHECKS[case]}")
+    INFO.setdefault("gemm_config_mismatches", {})[case] = mism
+    log(f"check {case}: {CHECKS[case]} {mism}")
+    del y, refs
 
     flops = 2 * m * n * kdim
     base = record(case, "bf16 F.linear (cuBLAS)", bench_ms(lambda: F.linear(x, wf, bias), rep), flops)
-    record(case, "W8A8 triton (quant+gemm, exact)", bench_ms(lambda: exact(x, qw, sw, bias), rep), flops, base)
-    record(case, "W8A8 triton (quant+gemm, fma)", bench_ms(lambda: fast(x, qw, sw, bias), rep), flops, base)
+    record(case, "W8A8 triton (quant+gemm)", bench_ms(lambda: kern(x, qw, sw, bias), rep), flops, base)
     record(case, "  activation quant only", bench_ms(lambda: w8a8_triton.quantize_act(x), rep))
-    record(case, "  int8 gemm only (exact)", bench_ms(lambda: w8a8_triton.w8a8_gemm(xq, xs, qw, sw, bias), rep),
+    record(case, "  int8 gemm only", bench_ms(lambda: w8a8_triton.w8a8_gemm(xq, xs, qw, sw, bias), rep),
            flops)
     INFO.setdefault("tuned_gemm", {}).update({str(key): cfg for key, cfg in w8a8_triton._tuned.items()})
+    for key, times in w8a8_triton.TUNE_TIMES.items():
+        if key[:3] == (m, n, kdim):
+            TUNING.append((case, "int8 gemm", [(_cfg_name(c), round(t, 3)) for c, t in times]))
     del x, wf, xq, xs, rq, rs
     torch.cuda.empty_cache()
 
@@ -287,9 +335,11 @@ def main():
     ap.add_argument("--no-autotune", action="store_true", help="use the first config of each kernel")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
     ap.add_argument("--topk", type=float, default=0.1)
+    ap.add_argument("--no-sdpa", action="store_true", help="skip the dense SDPA baselines")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # CPU interpreter, tiny shapes
     args = ap.parse_args()
-    global DEV
+    global DEV, NO_SDPA
+    NO_SDPA = args.no_sdpa
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         DEV = "cpu"
@@ -331,6 +381,11 @@ def main():
         for case, c in CHECKS.items():
             print(f"* {case}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in c.items()))
+        print("\n## autotuning (do_bench medians, ms, per config)\n")
+        for case, kernel, times in TUNING:
+            print(f"* {case} {kernel}: " + "; ".join(f"{c}: {t}" for c, t in times))
+        INFO["tuning"] = TUNING
+        dump()
         print("\n## timings\n")
         print(table())
         print(f"\n{INFO.get('device')} torch {INFO.get('torch')} triton {INFO.get('triton')}, "

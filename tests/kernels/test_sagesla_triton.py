@@ -102,6 +102,24 @@ def test_error_against_dense_on_same_selection(n, h, topk):
     assert max_abs(s16, dense) <= 0.1 and max_abs(s8, dense) <= 0.25, SEED
 
 
+@pytest.mark.parametrize("blkq,blkk", [(128, 64), (64, 128)])
+def test_every_gpu_config(blkq, blkk):
+    """Each usable GPU config, int8 QK with fp8 or bf16 V, on both block maps."""
+    q, k, v = _inputs(333, 2, 40 + blkq)
+    lut, (qc, qs, kc, ks) = sla_triton.block_lut(q, k, 0.5, blkq, blkk, quant=True)
+    dense = _dense_on_selection(q, k, v, lut, blkq, blkk)
+    vt, vsc = sagesla_triton.quantize_v_fp8(v)
+    for v_fp8, bound in ((False, SAGE_BF16_V_BOUND), (True, SAGE_FP8_V_BOUND)):
+        sage = dict(qc=qc, qs=qs, kc=kc, ks=ks, **(dict(vt=vt, vsc=vsc) if v_fp8 else {}))
+        configs = sla_triton.usable_configs(sla_triton.ATTN_CONFIGS, blkq, True, v_fp8)
+        assert configs
+        configs += [dict(NBI=2, ROWS=64, TMA=False, num_warps=4), dict(NBI=2, ROWS=64, num_warps=4)]
+        for cfg in configs:
+            out = sla_triton.attention_launch(q, k, v, lut, sage=sage, blkq=blkq, blkk=blkk,
+                                              config=dict(cfg, num_stages=1))
+            assert rel_l2(out, dense) <= bound, (SEED, cfg, v_fp8)
+
+
 def test_sla_op_fixture_with_proj_l():
     fix = load_fixture("sla_op.safetensors")
     q, k, v = fix["in.q"], fix["in.k"], fix["in.v"]

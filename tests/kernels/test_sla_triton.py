@@ -106,7 +106,7 @@ def test_random_against_reference(n, h, topk, linear):
 
 
 def test_key_blocks_per_iteration_configs_agree():
-    """NBI=1 (the sm90 default) and NBI=2 (paired 64-row key blocks) give the same attention."""
+    """NBI=1 and NBI=2 (paired 64-row key blocks) give the same attention."""
     q, k, v, w, bias = _inputs(1, 608, 2, offset=5)
     lut = sla_triton.block_lut(q, k, 0.5)  # 5 of 10 blocks: the second config pairs and masks a tail
     expect = _reference_with_lut(q, k, v, w, bias, lut)
@@ -115,6 +115,22 @@ def test_key_blocks_per_iteration_configs_agree():
     for out in outs:
         assert rel_l2(out, expect) <= 5e-3, f"seed {SEED}"
     assert rel_l2(outs[0], outs[1]) <= 3e-3
+
+
+@pytest.mark.parametrize("n,topk", [(608, 0.5), (333, 0.5), (130, 0.3)])
+def test_every_gpu_config(n, topk):
+    """Each GPU config (rows per program, key blocks per iteration, TMA or pointer loads) computes the same attention."""
+    q, k, v, w, bias = _inputs(1, n, 2, offset=19 + n)
+    lut = sla_triton.block_lut(q, k, topk)
+    expect = _reference_with_lut(q, k, v, w, bias, lut)
+    configs = sla_triton.usable_configs(sla_triton.ATTN_CONFIGS, 128, False, False)
+    assert any(c.get("ROWS") == 64 for c in configs) and any(c["NBI"] == 2 for c in configs)
+    configs += [dict(NBI=2, TMA=False, num_warps=8), dict(NBI=1, ROWS=64, TMA=False, num_warps=4)]  # pointer loads
+    base = sla_triton.attention_launch(q, k, v, lut, proj_w=w, proj_b=bias)  # the interpreter's config
+    for cfg in configs:
+        out = sla_triton.attention_launch(q, k, v, lut, proj_w=w, proj_b=bias, config=dict(cfg, num_stages=1))
+        assert rel_l2(out, expect) <= 5e-3, f"seed {SEED} {cfg}"
+        assert max_abs(out, base) <= 3e-2, f"seed {SEED} {cfg}"  # a few bf16 ulps at most
 
 
 def test_other_block_sizes():

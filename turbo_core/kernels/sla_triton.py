@@ -10,13 +10,17 @@ Same math as `turbo_core.attention.sla_reference` (the oracle), spec 3.2:
      Z = sum_L phi(k) [D], phi = softmax over the head dim (`_linear_kv_kernel`,
      L split into chunks whose fp32 partials torch sums), rounded to bf16 like
      the reference.
-  3. `_sla_attn_kernel`: one program per (query block of BLKQ rows, batch*head).
-     It walks ONLY its selected key blocks (NBI of them per iteration) with an
-     online softmax in base 2 (1/sqrt(D) and log2(e) folded into one scale),
-     masks the LUT tail and the partial last key block, casts P to bf16 before
-     P@V and accumulates in fp32. The epilogue adds the linear branch for the
-     same rows: phi(q) KV / (1e-5 + phi(q).Z), then proj_l (o_l @ W^T + b), so
-     q is read once and no [B,L,H,D] intermediate is written.
+  3. `_sla_attn_kernel`: one program per (query block of BLKQ rows, or half of
+     one, batch*head). It walks ONLY its selected key blocks (NBI of them per
+     iteration, one online-softmax update) with an online softmax in base 2
+     (1/sqrt(D) and log2(e) folded into one scale), masks the LUT tail and the
+     partial last key block, casts P to bf16 before P@V and accumulates in
+     fp32. On sm90 each key block is one TMA box of a 2D view of K / V (no
+     per-row address math); elsewhere, vector loads. The epilogue adds the
+     linear branch for the same rows: phi(q) KV / (1e-5 + phi(q).Z), then
+     proj_l (o_l @ W^T + b), so q is read once and no [B,L,H,D] intermediate
+     is written. Divisions are one reciprocal per row times a multiply (a
+     precise fp32 divide per element cost ~10 instructions and registers).
 
 Inputs and the output are [B, L, H, D] (read/written through strides, no
 transposing copies; the head dim must be contiguous). bf16 is the kernel dtype;
@@ -44,6 +48,11 @@ import triton
 import triton.language as tl
 
 from ..attention.sla_reference import BLKK, BLKQ, topk_count
+
+try:  # triton >= 3.3: host-side TMA descriptors
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: pointer loads only
+    TensorDescriptor = None
 
 
 def _interpreting() -> bool:
@@ -116,6 +125,7 @@ def _fp8_grid(x):
     b = ((b + 0x7FFFF + ((b >> 20) & 1)) >> 20) << 20  # 3 mantissa bits, RNE
     normal = b.to(tl.float32, bitcast=True)
     sub = ((x * 512.0 + 12582912.0) - 12582912.0) * 0.001953125  # subnormals: multiples of 2^-9
+    sub = tl.where(x < 0, -tl.abs(sub), sub)  # keep the sign of values that round to zero (-0.0)
     y = tl.where(tl.abs(x) < 0.015625, sub, normal)
     return tl.minimum(tl.maximum(y, -448.0), 448.0)
 
@@ -243,7 +253,8 @@ def _linear_kv_kernel(K, V, KVP, ZP,
         kx = tl.load(k_base + rows[:, None].to(tl.int64) * skl + offs_d[None, :], mask=ok[:, None],
                      other=0.0).to(tl.float32)
         e = tl.exp(kx - tl.max(kx, 1)[:, None])
-        phi = _bf16v(e / tl.sum(e, 1)[:, None], INTERPRET)  # softmax in bf16, like the reference
+        # one division per row, not per element (a precise fp32 divide is ~10 instructions)
+        phi = _bf16v(e * (1.0 / tl.sum(e, 1))[:, None], INTERPRET)  # softmax in bf16, like the reference
         phi = tl.where(ok[:, None], phi, 0.0)
         vx = tl.load(v_base + rows[:, None].to(tl.int64) * svl + offs_d[None, :], mask=ok[:, None], other=0.0)
         kv += _dot(tl.trans(phi).to(tl.bfloat16), vx, INTERPRET)
@@ -257,24 +268,130 @@ def linear_state(k: torch.Tensor, v: torch.Tensor, chunk: int | None = None):
     """k, v [B,L,H,D] bf16 -> KV bf16 [B*H, D, D] (phi(k)^T v) and Z fp32 [B*H, D]
     (sum phi(k), rounded to bf16 like the reference's bf16 sum)."""
     b, n, h, d = k.shape
-    sub = 64
-    if chunk is None:
-        # ~4 programs per SM on an H100 (132 SMs), whatever the shape.
-        chunk = max(sub, triton.cdiv(triton.cdiv(n * b * h, 528), sub) * sub)
-    chunk = triton.cdiv(chunk, sub) * sub
-    nch = triton.cdiv(n, chunk)
-    kvp = torch.empty(b * h, nch, d, d, dtype=torch.float32, device=k.device)
-    zp = torch.empty(b * h, nch, d, dtype=torch.float32, device=k.device)
-    _linear_kv_kernel[(nch, b * h)](
-        k, v, kvp, zp, n, h, nch, chunk,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        D=d, SUB=sub, INTERPRET=INTERPRET, num_warps=8, num_stages=2)
+    out = {}
+
+    def launch(cfg):
+        cfg = dict(cfg)
+        sub = cfg.pop("SUB")
+        ch = chunk
+        if ch is None:
+            # ~4 programs per SM on an H100 (132 SMs), whatever the shape.
+            ch = max(sub, triton.cdiv(triton.cdiv(n * b * h, 528), sub) * sub)
+        ch = triton.cdiv(ch, sub) * sub
+        nch = triton.cdiv(n, ch)
+        kvp = torch.empty(b * h, nch, d, d, dtype=torch.float32, device=k.device)
+        zp = torch.empty(b * h, nch, d, dtype=torch.float32, device=k.device)
+        _linear_kv_kernel[(nch, b * h)](
+            k, v, kvp, zp, n, h, nch, ch,
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            D=d, SUB=sub, INTERPRET=INTERPRET, **cfg)
+        out["parts"] = kvp, zp
+
+    config = pick_config(("linear_state", n, b, h, d, chunk), LINEAR_CONFIGS, launch)
+    launch(config)
+    kvp, zp = out["parts"]
     kv = kvp.sum(1).to(torch.bfloat16).contiguous()
     z = zp.sum(1).to(torch.bfloat16).float().contiguous()
     return kv, z
 
 
+# SUB rows per step (ptxas, sm90: 64 rows / 8 warps: 155 registers, one program
+# per SM; 128 rows: 244). H100, ms at 1.3B / 14B: SUB=128 3 stages 0.167 / 1.07;
+# SUB=64 2-4 stages 0.19 / 1.35-1.47 (latency-bound: ~1.4 TB/s of k and v).
+LINEAR_CONFIGS = [
+    dict(SUB=128, num_warps=8, num_stages=3),
+    dict(SUB=64, num_warps=8, num_stages=2),
+]
+
+
 # ----------------------------------------------------------------------------- attention
+
+@triton.jit
+def _load_k(K, KI, kb, b, h, bh64, L, k_base, skl,
+            D: tl.constexpr, BLKK: tl.constexpr, USE_TMA: tl.constexpr, QK_INT8: tl.constexpr):
+    """K rows of key block kb, [BLKK, D] (bf16, or the int8 codes). TMA: a box of a 2D
+    view ([B*L, H*D], or [B*H*L, D] for the codes); rows past L are masked in S."""
+    rows = kb * BLKK + tl.arange(0, BLKK)
+    offs_d = tl.arange(0, D)
+    if QK_INT8:
+        if USE_TMA:
+            kx = KI.load([(bh64 * L + kb * BLKK).to(tl.int32), 0])
+        else:
+            kx = tl.load(KI + (bh64 * L + rows[:, None]) * D + offs_d[None, :], mask=(rows < L)[:, None], other=0)
+    else:
+        if USE_TMA:
+            kx = K.load([(b * L + kb * BLKK).to(tl.int32), (h * D).to(tl.int32)])
+        else:
+            kx = tl.load(k_base + rows[:, None].to(tl.int64) * skl + offs_d[None, :], mask=(rows < L)[:, None],
+                         other=0.0)
+    return kx
+
+
+@triton.jit
+def _load_v(V, VT, kb, b, h, bh64, L, LP, v_base, svl,
+            D: tl.constexpr, BLKK: tl.constexpr, USE_TMA: tl.constexpr, V_FP8: tl.constexpr):
+    """V rows of key block kb: bf16 [BLKK, D], or fp8 V^T [D, BLKK] (zero past L)."""
+    rows = kb * BLKK + tl.arange(0, BLKK)
+    offs_d = tl.arange(0, D)
+    if V_FP8:
+        if USE_TMA:
+            vx = VT.load([(bh64 * D).to(tl.int32), (kb * BLKK).to(tl.int32)])
+        else:
+            vx = tl.load(VT + bh64 * D * LP + offs_d[:, None] * LP + rows[None, :])
+    else:
+        if USE_TMA:
+            vx = V.load([(b * L + kb * BLKK).to(tl.int32), (h * D).to(tl.int32)])
+        else:
+            vx = tl.load(v_base + rows[:, None].to(tl.int64) * svl + offs_d[None, :], mask=(rows < L)[:, None],
+                         other=0.0)
+    return vx
+
+
+@triton.jit
+def _qk(q, kx, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr):
+    """S tile in raw units: bf16 q.k in fp32; int8: M + q.k, the int32 dot with the
+    magic M = 1.5*2^23 added and read as fp32 (exact for |q.k| < 2^22)."""
+    if QK_INT8:
+        x = (tl.dot(q, tl.trans(kx)) + 0x4B400000).to(tl.float32, bitcast=True)
+    else:
+        x = _dot(q, tl.trans(kx), INTERPRET)
+    return x
+
+
+@triton.jit
+def _logit_max(x, c, QK_INT8: tl.constexpr):
+    """Row max of the base-2 logits x*c (c > 0 scalar): taken on the raw values."""
+    if QK_INT8:
+        r = (tl.max(x, 1) - 12582912.0) * c
+    else:
+        r = tl.max(x, 1) * c
+    return r
+
+
+@triton.jit
+def _probs(x, c, m_new, P_SHIFT: tl.constexpr, QK_INT8: tl.constexpr):
+    """exp2(logit - m_new + P_SHIFT); one FMA per element (plus the exact magic subtract).
+    (ex2.approx.f16x2 is no faster: ptxas splits it into two MUFU.EX2 on sm90.)"""
+    if QK_INT8:
+        x = x - 12582912.0
+    return tl.math.exp2(x * c - (m_new[:, None] - P_SHIFT))
+
+
+@triton.jit
+def _pv(acc, p, vx, BLKK: tl.constexpr, V_FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + P @ V for one key block (P already scaled for fp8)."""
+    if V_FP8:
+        if INTERPRET:
+            acc += tl.dot(_fp8_grid(p), tl.trans(vx.to(tl.float32)))
+        else:
+            acc += tl.dot(p.to(tl.float8e4nv), tl.trans(vx), max_num_imprecise_acc=BLKK)
+    else:
+        if INTERPRET:
+            acc += tl.dot(_bf16v(p, INTERPRET), vx.to(tl.float32))
+        else:
+            acc += tl.dot(p.to(tl.bfloat16), vx)
+    return acc
+
 
 # Sizes are not specialised: one compile serves every sequence length.
 @triton.jit(do_not_specialize=["L", "H", "MQ", "NK", "KK", "LP"])
@@ -285,26 +402,31 @@ def _sla_attn_kernel(
     L, H, MQ, NK, KK, LP,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
     qk_scale,
-    D: tl.constexpr, BLKQ: tl.constexpr, BLKK: tl.constexpr, NBI: tl.constexpr,
-    HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    D: tl.constexpr, BLKQ: tl.constexpr, BLKK: tl.constexpr, NBI: tl.constexpr, ROWS: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
     QK_INT8: tl.constexpr, V_FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # One program: ROWS query rows (a whole query block, or half of one: same LUT row).
+    SPLIT: tl.constexpr = BLKQ // ROWS
+    pid = tl.program_id(0)
+    pid_m = pid // SPLIT
     bh = tl.program_id(1)
     bh64 = bh.to(tl.int64)
     b = bh64 // H
     h = bh64 % H
-    BLOCK_N: tl.constexpr = NBI * BLKK
-    offs_m = pid_m * BLKQ + tl.arange(0, BLKQ)
+    P_SHIFT: tl.constexpr = 8.807354922057604 if V_FP8 else 0.0  # log2(448): fp8 P spans e4m3
+    offs_m = pid_m * BLKQ + (pid % SPLIT) * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
-    sub = offs_n // BLKK  # which of the NBI LUT entries a key row belongs to
-    within = offs_n % BLKK
+    offs_n = tl.arange(0, BLKK)
     m_ok = offs_m < L
 
     q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sql + offs_d[None, :]
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    if USE_TMA:  # K/V (or the codes / V^T) are descriptors: no base pointers
+        k_base = Q
+        v_base = Q
+    else:
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
     if QK_INT8:
         q = tl.load(QI + (bh64 * L + offs_m[:, None]) * D + offs_d[None, :], mask=m_ok[:, None], other=0)
         # q block scale with 1/sqrt(D) and log2(e) folded in
@@ -312,57 +434,56 @@ def _sla_attn_kernel(
     else:
         q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
         row_scale = qk_scale
-    if V_FP8:
-        vsc = tl.load(VSC + bh64 * D + offs_d)  # per-channel V scale
 
-    m_i = tl.full([BLKQ], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLKQ], tl.float32)
-    acc = tl.zeros([BLKQ, D], tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
     lut_row = LUT + (bh64 * MQ + pid_m) * KK
+    # NBI key blocks per iteration as separate 64/128-key sub-tiles sharing one
+    # online-softmax update (one acc rescale per NBI blocks). Scalar LUT reads:
+    # each block is one contiguous TMA box / vector load.
     for j in range(0, KK, NBI):
-        pos = j + sub
-        pos_ok = pos < KK
-        kb = tl.load(lut_row + pos, mask=pos_ok, other=0)
-        rows = kb * BLKK + within
-        n_ok = pos_ok & (rows < L)
+        kb0 = tl.load(lut_row + j)
+        x0 = _qk(q, _load_k(K, KI, kb0, b, h, bh64, L, k_base, skl, D, BLKK, USE_TMA, QK_INT8), QK_INT8, INTERPRET)
+        c0 = row_scale
         if QK_INT8:
-            kx = tl.load(KI + (bh64 * L + rows[:, None]) * D + offs_d[None, :], mask=n_ok[:, None], other=0)
-            ksc = tl.load(KSC + bh64 * NK + kb, mask=pos_ok, other=0.0)
-            s = _i32_to_f32(tl.dot(q, tl.trans(kx))) * ksc[None, :]
-        else:
-            kx = tl.load(k_base + rows[:, None].to(tl.int64) * skl + offs_d[None, :], mask=n_ok[:, None],
-                         other=0.0)
-            s = _dot(q, tl.trans(kx), INTERPRET)
-        # Only the LUT tail and the partial last key block need the mask; the LUT
-        # is ascending, so both can only occur in the last iteration (a scalar
-        # test, no cross-thread reduction).
+            c0 = tl.load(KSC + bh64 * NK + kb0) * row_scale
+        if NBI == 2:
+            kb1 = tl.load(lut_row + tl.minimum(j + 1, KK - 1))  # past the end: masked below
+            x1 = _qk(q, _load_k(K, KI, kb1, b, h, bh64, L, k_base, skl, D, BLKK, USE_TMA, QK_INT8),
+                     QK_INT8, INTERPRET)
+            c1 = row_scale
+            if QK_INT8:
+                c1 = tl.load(KSC + bh64 * NK + kb1) * row_scale
+        # Only the LUT tail and the partial last key block need a mask; the LUT is
+        # ascending, so both can only occur in the last iteration (a scalar test).
         if j + NBI >= KK:
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
-        p = tl.math.exp2(s * row_scale - m_new[:, None])
+            x0 = tl.where((kb0 * BLKK + offs_n < L)[None, :], x0, float("-inf"))
+            if NBI == 2:
+                x1 = tl.where(((kb1 * BLKK + offs_n < L) & (j + 1 < KK))[None, :], x1, float("-inf"))
+        m_new = tl.maximum(m_i, _logit_max(x0, c0, QK_INT8))
+        if NBI == 2:
+            m_new = tl.maximum(m_new, _logit_max(x1, c1, QK_INT8))
+        p0 = _probs(x0, c0, m_new, P_SHIFT, QK_INT8)
+        l_add = tl.sum(p0, 1)
+        if NBI == 2:
+            p1 = _probs(x1, c1, m_new, P_SHIFT, QK_INT8)
+            l_add += tl.sum(p1, 1)
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + l_add
         acc = acc * alpha[:, None]
-        if V_FP8:
-            # V^T [B*H, D, LP] fp8; P scaled by 448 into the e4m3 range.
-            vt = tl.load(VT + bh64 * D * LP + offs_d[:, None] * LP + rows[None, :], mask=n_ok[None, :], other=0.0)
-            if INTERPRET:
-                acc += tl.dot(_fp8_grid(p * 448.0), tl.trans(vt.to(tl.float32)))
-            else:
-                acc += tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(vt), max_num_imprecise_acc=BLOCK_N)
-        else:
-            vx = tl.load(v_base + rows[:, None].to(tl.int64) * svl + offs_d[None, :], mask=n_ok[:, None],
-                         other=0.0)
-            if INTERPRET:
-                acc += tl.dot(_bf16v(p, INTERPRET), vx.to(tl.float32))
-            else:
-                acc += tl.dot(p.to(tl.bfloat16), vx)
+        acc = _pv(acc, p0, _load_v(V, VT, kb0, b, h, bh64, L, LP, v_base, svl, D, BLKK, USE_TMA, V_FP8),
+                  BLKK, V_FP8, INTERPRET)
+        if NBI == 2:
+            acc = _pv(acc, p1, _load_v(V, VT, kb1, b, h, bh64, L, LP, v_base, svl, D, BLKK, USE_TMA, V_FP8),
+                      BLKK, V_FP8, INTERPRET)
         m_i = m_new
 
     if V_FP8:
-        o = acc * (vsc[None, :] / (l_i * 448.0)[:, None])
+        vsc = tl.load(VSC + bh64 * D + offs_d)  # per-channel V scale (P carries the 448)
+        o = acc * vsc[None, :] * (1.0 / l_i)[:, None]
     else:
-        o = acc / l_i[:, None]
+        o = acc * (1.0 / l_i)[:, None]
     # The sparse branch is a bf16 tensor in the reference; holding it as bf16
     # also frees the fp32 accumulator's registers for the epilogue.
     o = _cast(o, tl.bfloat16, INTERPRET)
@@ -373,11 +494,11 @@ def _sla_attn_kernel(
         else:
             qf = q.to(tl.float32)
         e = tl.exp(qf - tl.max(qf, 1)[:, None])
-        phi = _cast(e / tl.sum(e, 1)[:, None], tl.bfloat16, INTERPRET)  # softmax over D, bf16
+        phi = _cast(e * (1.0 / tl.sum(e, 1))[:, None], tl.bfloat16, INTERPRET)  # softmax over D, bf16
         zz = tl.load(Z + bh64 * D + offs_d)
         den = tl.sum(phi.to(tl.float32) * zz[None, :], 1) + 1e-5
         kv = tl.load(KV + bh64 * D * D + offs_d[:, None] * D + offs_d[None, :])  # bf16 [D, D]
-        o_l = _cast(_dot(phi, kv, INTERPRET) / den[:, None], tl.bfloat16, INTERPRET)
+        o_l = _cast(_dot(phi, kv, INTERPRET) * (1.0 / den)[:, None], tl.bfloat16, INTERPRET)
         wt = tl.load(W + offs_d[:, None] * D + offs_d[None, :])  # W^T (host-transposed): wt[i, o] = W[o, i]
         pl = _dot(o_l, wt, INTERPRET)
         if HAS_BIAS:
@@ -390,38 +511,92 @@ def _sla_attn_kernel(
     tl.store(o_ptrs, _cast(o_f, O.dtype.element_ty, INTERPRET), mask=m_ok[:, None])
 
 
-# Configs for the attention kernel: NBI key blocks per iteration (BLOCK_N =
-# NBI * BLKK), warps, pipeline stages. The first one is used without autotuning.
-# With 8 warps each thread holds 64 fp32 accumulators per 128 columns; NBI=2
-# (128-wide S tiles) is close to the 255-register limit on sm90, so NBI=1 leads.
+# Configs for the attention kernel: NBI key blocks per iteration, ROWS query
+# rows per program (BLKQ, or BLKQ // 2 = two 4-warp programs per query block,
+# two per SM), warps, pipeline stages; TMA=False forces pointer loads (TMA is
+# used on sm90+ when the layouts allow). A config whose ROWS does not divide
+# BLKQ is skipped. The first usable one is used without autotuning.
+# H100 (triton 3.6), ms for the kernel with the linear epilogue (autotuning
+# medians, two runs), SLA 1.3B / 14B; SageSLA 64x128 map, fp8 V and bf16 V 1.3B / 14B:
+#   NBI=1 ROWS=128 8 warps 3 stages   1.60-1.64 / 26.0-26.2
+#   NBI=1 ROWS=64  4 warps 3 stages   1.41-1.43 / 26.0-27.4   fp8 1.16-1.18 / 17.3-17.4; bf16 1.61 / 24.9-25.6
+#   NBI=2 ROWS=128 8 warps 3 stages   1.56-1.62 / 25.1-26.3
+#   NBI=1 ROWS=64  4 warps 2 stages   1.63-1.66 / 32-33      fp8 1.18-1.19 / 18.3;      bf16 1.22 / 20.7-21.2
+# (also tried: NBI=2 with 64 rows or 2 stages, 8 warps on 64 rows: slower;
+# issuing the next q K^T before this softmax so they overlap: 30% slower in
+# triton, which then passes P to the PV MMA through shared memory.)
 ATTN_CONFIGS = [
-    dict(NBI=1, num_warps=8, num_stages=3),
-    dict(NBI=1, num_warps=8, num_stages=2),
-    dict(NBI=2, num_warps=8, num_stages=2),
+    dict(NBI=1, ROWS=128, num_warps=8, num_stages=3),
+    dict(NBI=1, ROWS=64, num_warps=4, num_stages=3),
+    dict(NBI=2, ROWS=128, num_warps=8, num_stages=3),
+    dict(NBI=1, ROWS=64, num_warps=4, num_stages=2),
 ]
-INTERP_CONFIG = dict(NBI=2, num_warps=4, num_stages=1)
+INTERP_CONFIG = dict(NBI=2, num_warps=4, num_stages=1)  # ROWS = BLKQ
 _tuned: dict = {}
+TUNE_TIMES: dict = {}  # key -> [(config, ms)] of the last autotuning (for the benchmark)
+
+
+def usable_configs(configs, blkq: int, qk_int8: bool = False, v_fp8: bool = False):
+    """The configs that apply to these block sizes."""
+    out = []
+    for cfg in configs:
+        rows = cfg.get("ROWS", blkq)
+        if rows <= blkq and blkq % rows == 0:
+            out.append(cfg)
+    return out
 
 
 def pick_config(key, configs, launch):
     """First call per key: time each config with do_bench, keep the fastest."""
     if INTERPRET:
-        return INTERP_CONFIG if configs is ATTN_CONFIGS else configs[0]
+        return configs[0]
     if not AUTOTUNE or len(configs) == 1:
         return configs[0]
     if key not in _tuned:
         from triton.testing import do_bench
 
-        best, best_t = configs[0], float("inf")
+        best, best_t, times = configs[0], float("inf"), []
         for cfg in configs:
             try:
                 t = do_bench(lambda: launch(cfg), warmup=5, rep=20)
             except Exception:  # a config that does not fit (shared memory, registers)
                 continue
+            times.append((cfg, t))
             if t < best_t:
                 best, best_t = cfg, t
         _tuned[key] = best
+        TUNE_TIMES[key] = times
     return _tuned[key]
+
+
+def _tma_descriptors(q, k, v, qc, kc, vt, qk_int8: bool, v_fp8: bool, blkk: int):
+    """Host TMA descriptors (K, V, K codes, V^T) for `_sla_attn_kernel`, or None when
+    TMA is unavailable (no sm90, old triton) or a layout does not allow it. K/V are
+    seen as 2D [B*L, H*D] (row stride L's), codes as [B*H*L, D], V^T as [B*H*D, LP]."""
+    if TensorDescriptor is None:
+        return None
+    if not INTERPRET and torch.cuda.get_device_capability(q.device) < (9, 0):
+        return None
+    b, n, h, d = k.shape
+
+    def flat_ok(t):  # [B,L,H,D] view whose rows (b, l) are equally spaced, heads packed
+        return (t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == n * t.stride(1))
+                and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
+
+    descs = [None, None, None, None]
+    if qk_int8:
+        descs[2] = TensorDescriptor(kc, [b * h * n, d], [d, 1], [blkk, d])
+    elif flat_ok(k):
+        descs[0] = TensorDescriptor(k, [b * n, h * d], [k.stride(1), 1], [blkk, d])
+    else:
+        return None
+    if v_fp8:
+        descs[3] = TensorDescriptor(vt, [b * h * d, vt.shape[-1]], [vt.shape[-1], 1], [d, blkk])
+    elif flat_ok(v):
+        descs[1] = TensorDescriptor(v, [b * n, h * d], [v.stride(1), 1], [blkk, d])
+    else:
+        return None
+    return tuple(x if x is not None else y for x, y in zip(descs, (k, v, kc, vt)))
 
 
 def attention_launch(q, k, v, lut, *, proj_w=None, proj_b=None, sage=None, blkq=BLKQ, blkk=BLKK,
@@ -455,21 +630,27 @@ def attention_launch(q, k, v, lut, *, proj_w=None, proj_b=None, sage=None, blkq=
         qc = qs = kc = ks = vt = vsc = out
         lp = n
     scale = LOG2E / math.sqrt(d)
+    descs = _tma_descriptors(q, k, v, qc, kc, vt, qk_int8, v_fp8, blkk)
 
     def launch(cfg):
         cfg = dict(cfg)
         nbi = cfg.pop("NBI")
-        _sla_attn_kernel[(mq, b * h)](
-            q, k, v, out, lut, qc, kc, qs, ks, vt, vsc, kv, z, w, bias,
+        rows = cfg.pop("ROWS", blkq)
+        use_tma = cfg.pop("TMA", True) and descs is not None
+        k_a, v_a, kc_a, vt_a = descs if use_tma else (k, v, kc, vt)
+        _sla_attn_kernel[(mq * (blkq // rows), b * h)](
+            q, k_a, v_a, out, lut, qc, kc_a, qs, ks, vt_a, vsc, kv, z, w, bias,
             n, h, mq, nk, kk, lp,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            scale, D=d, BLKQ=blkq, BLKK=blkk, NBI=nbi, HAS_LINEAR=has_linear, HAS_BIAS=proj_b is not None,
+            scale, D=d, BLKQ=blkq, BLKK=blkk, NBI=nbi, ROWS=rows, USE_TMA=use_tma,
+            HAS_LINEAR=has_linear, HAS_BIAS=proj_b is not None,
             QK_INT8=qk_int8, V_FP8=v_fp8, INTERPRET=INTERPRET, **cfg)
 
     if config is None:
         key = ("attn", n, h, b, kk, d, blkq, blkk, has_linear, qk_int8, v_fp8)
-        config = pick_config(key, ATTN_CONFIGS, launch)
+        configs = [INTERP_CONFIG] if INTERPRET else usable_configs(ATTN_CONFIGS, blkq, qk_int8, v_fp8)
+        config = pick_config(key, configs, launch)
     launch(config)
     return out
 

@@ -13,14 +13,22 @@ division).
 w8a8_gemm (`_w8a8_gemm_kernel`): y[M,N] = sum over 128-wide K tiles kt=0,1,..
 (in that order) of  float(int32 dot of the tile) * (s_x[m/128,kt] * s_w[n/128,kt])
 accumulated in fp32; then cast to x's dtype, then + bias in that dtype
-(`w8a8_linear_reference`'s order). BLOCK_M is 128 or 64 (one activation scale
-per program and K tile), BLOCK_N a multiple of 128, BLOCK_K = 128. Each tile's
-int32 product is kept apart from the fp32 accumulator and converted with an
-exact integer-add trick (|tile sum| <= 2^21) instead of the slow I2F unit. With exact=True (the
-default) the kernel is compiled with enable_fp_fusion=False, so the
-scale-and-add is a separate multiply and add as in the reference (bit-exact);
-exact=False lets the compiler fuse them into an FMA (differs by at most about
-1 bf16 ulp). K need not be a multiple of 128 (masked).
+(`w8a8_linear_reference`'s order, bit-exact: compiled with enable_fp_fusion=False
+so the scale-and-add stays a multiply and an add). BLOCK_M is 128 or 64 and the
+output columns go in chunks of 64 or 128, so s_x * s_w is one scalar per K tile
+and chunk. Each tile's int32 product is converted with an exact integer-add
+trick (|tile sum| <= 2^21) instead of the slow I2F unit. Tiles come in by TMA
+(host tensor descriptors, sm90) when K is a multiple of 16, else by masked
+pointer loads; K need not be a multiple of 128 (zero-filled / masked).
+
+Why the tiles are small: triton waits for an int32-accumulating wgmma right after
+issuing it (its async-dot pass only pipelines fp32 accumulators), so one program
+cannot overlap its rescale with its next MMA; two or three 4-warp programs per SM
+can. The exact formula costs 3 FP32 instructions per output element and K tile
+(magic subtract, scale, add: no FMA), i.e. 3/128 SM cycles against 128 MACs at
+4096 int8 MAC/cycle (1/32 cycle): the rescale alone issues 75% of the MMA time,
+so with loop overhead the kernel is issue-bound near bf16 cuBLAS speed on an H100
+(measured 690-750 TOPS).
 
 Interpreter: int8 dots are exact there; rint is done with the 1.5*2^23 trick
 (libdevice is not available) and bf16 outputs are rounded with an explicit RNE
@@ -33,6 +41,11 @@ import triton
 import triton.language as tl
 
 from .sla_triton import AUTOTUNE, INTERPRET, _cast, _i32_to_f32
+
+try:  # triton >= 3.3: host-side TMA descriptors
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: pointer loads only
+    TensorDescriptor = None
 
 try:  # triton >= 3.1
     from triton.language.extra import libdevice
@@ -78,11 +91,43 @@ def quantize_act(x2: torch.Tensor):
     return q, s
 
 
+@triton.jit
+def _gemm_tile(X, r0, k0, R, K, BR: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr):
+    """int8 [BR, 128] tile at (r0, k0): a TMA load from a tensor descriptor, or
+    masked pointer loads (rows past R re-read valid ones; their results are not stored)."""
+    if USE_TMA:
+        t = X.load([r0, k0])  # zero-filled outside [R, K]
+    else:
+        rows = (r0 + tl.arange(0, BR)) % R
+        cols = k0 + tl.arange(0, 128)
+        ptrs = X + rows[:, None].to(tl.int64) * K + cols[None, :]
+        if EVEN_K:
+            t = tl.load(ptrs)
+        else:
+            t = tl.load(ptrs, mask=(cols < K)[None, :], other=0)
+    return t
+
+
+@triton.jit
+def _gemm_store(Y, BIAS, acc, off_m, n0, M, N,
+                BLOCK_M: tl.constexpr, CHUNK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, CHUNK_N)
+    y = _cast(acc, Y.dtype.element_ty, INTERPRET)  # cast to x's dtype first ...
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        y = _cast(y.to(tl.float32) + bias[None, :], Y.dtype.element_ty, INTERPRET)  # ... then + bias in it
+    tl.store(Y + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], y,
+             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
 @triton.jit(do_not_specialize=["M"])
 def _w8a8_gemm_kernel(A, AS, W, WS, BIAS, Y,
                       M, N, K, KT,
-                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_N: tl.constexpr,
+                      GROUP_M: tl.constexpr, INTERPRET: tl.constexpr):
     BLOCK_K: tl.constexpr = 128
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -93,70 +138,95 @@ def _w8a8_gemm_kernel(A, AS, W, WS, BIAS, Y,
     gsize = tl.minimum(num_m - first_m, GROUP_M)
     pm = first_m + (pid % group) % gsize
     pn = (pid % group) // gsize
+    off_m = pm * BLOCK_M
+    off_n0 = pn * BLOCK_N
+    off_n1 = off_n0 + CHUNK_N
+    # BLOCK_M <= 128 and CHUNK_N <= 128 lie inside one 128x128 scale tile each:
+    # s_x * s_w is one scalar per K tile and column chunk.
+    last_nt = tl.cdiv(N, 128) - 1
+    sa_ptr = AS + (off_m // 128) * KT
+    sw0_ptr = WS + (off_n0 // 128) * KT
+    sw1_ptr = WS + tl.minimum(off_n1 // 128, last_nt) * KT
 
-    offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # rows/cols past the end re-read valid ones (wrapped); their results are not stored
-    am = offs_m % M
-    wn = offs_n % N
-    a_ptrs = A + am[:, None].to(tl.int64) * K + offs_k[None, :]
-    w_ptrs = W + wn[:, None].to(tl.int64) * K + offs_k[None, :]
-    sa_ptr = AS + ((pm * BLOCK_M) // 128) * KT  # one activation scale per K tile (BLOCK_M <= 128)
-    sw_ptrs = WS + (wn // 128) * KT     # one weight scale per 128 output columns and K tile
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # The int32 product of each K tile is kept apart from the fp32 accumulator
+    # (the official order). Small 4-warp programs (and column chunks, which bound
+    # the live int32 tile) let 2-3 programs share an SM, so one's rescale overlaps
+    # another's MMA: triton waits on an int32 wgmma right after issuing it.
+    acc0 = tl.zeros([BLOCK_M, CHUNK_N], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, CHUNK_N], tl.float32)
     for kt in range(0, KT):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_ok = offs_k < K - kt * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
-            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
-        part = tl.dot(a, tl.trans(w))  # int32 (exact), kept apart from the fp32 accumulator
-        s = tl.load(sa_ptr + kt) * tl.load(sw_ptrs + kt)  # s_x * s_w in fp32, [BLOCK_N]
-        acc += _i32_to_f32(part) * s[None, :]  # |part| <= 2^21: exact conversion
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        k0 = kt * BLOCK_K
+        a = _gemm_tile(A, off_m, k0, M, K, BLOCK_M, USE_TMA, EVEN_K)
+        sa = tl.load(sa_ptr + kt)
+        w0 = _gemm_tile(W, off_n0, k0, N, K, CHUNK_N, USE_TMA, EVEN_K)
+        s0 = sa * tl.load(sw0_ptr + kt)
+        acc0 += _i32_to_f32(tl.dot(a, tl.trans(w0))) * s0  # |part| <= 2^21: exact conversion
+        if BLOCK_N > CHUNK_N:
+            w1 = _gemm_tile(W, off_n1, k0, N, K, CHUNK_N, USE_TMA, EVEN_K)
+            s1 = sa * tl.load(sw1_ptr + kt)
+            acc1 += _i32_to_f32(tl.dot(a, tl.trans(w1))) * s1
 
-    y = _cast(acc, Y.dtype.element_ty, INTERPRET)  # cast to x's dtype first ...
-    if HAS_BIAS:
-        bias = tl.load(BIAS + wn).to(tl.float32)
-        y = _cast(y.to(tl.float32) + bias[None, :], Y.dtype.element_ty, INTERPRET)  # ... then + bias in it
-    y_ptrs = Y + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(y_ptrs, y, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    _gemm_store(Y, BIAS, acc0, off_m, off_n0, M, N, BLOCK_M, CHUNK_N, HAS_BIAS, INTERPRET)
+    if BLOCK_N > CHUNK_N:
+        _gemm_store(Y, BIAS, acc1, off_m, off_n1, M, N, BLOCK_M, CHUNK_N, HAS_BIAS, INTERPRET)
 
 
-# The int32 tile product and the fp32 accumulator are both live: a 128x128 tile
-# costs 128 registers per thread with 8 warps; 128x256 would spill on sm90.
+# BLOCK_M in (64, 128); BLOCK_N = CHUNK_N or 2 * CHUNK_N, CHUNK_N in (64, 128).
+# H100 (triton 3.6), int8 GEMM ms at M=32760 for (K,N) = (1536,1536) (1536,8960)
+# (8960,1536) (5120,13824), and programs per SM (registers, shared memory):
+#   64x128, 4 warps, 4 stages (168 regs, 96 KB: 2/SM)      0.231 1.35 1.20 6.16
+#   64x128 in 64-col chunks, 4 warps (146 regs, 72 KB: 3)  0.226 1.34 1.26 6.55
+#   128x128, 8 warps (204 regs: 1)                         0.266 1.50 1.33 6.54
+#   (128x128 in 64-col chunks on 4 or 8 warps: slower)
+# The first config is the default without autotuning.
 GEMM_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, CHUNK_N=128, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, CHUNK_N=64, GROUP_M=8, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, CHUNK_N=128, GROUP_M=8, num_warps=8, num_stages=3),
 ]
-INTERP_GEMM_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=4, num_warps=4, num_stages=1)
+INTERP_GEMM_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, CHUNK_N=64, GROUP_M=4, num_warps=4, num_stages=1)
 _tuned: dict = {}
+TUNE_TIMES: dict = {}  # key -> [(config, ms)] of the last autotuning (for the benchmark)
 
 
-def w8a8_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, *, exact: bool = True, config=None):
-    """int8 xq [M,K] with tile scales xs, int8 wq [N,K] with ws -> y [M,N] in out_dtype."""
+def _tma_ok(*tensors) -> bool:
+    """Host-side TMA descriptors need 16-byte aligned bases and row strides."""
+    if TensorDescriptor is None:
+        return False
+    if not INTERPRET and torch.cuda.get_device_capability(tensors[0].device) < (9, 0):
+        return False
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) == 1 for t in tensors)
+
+
+def w8a8_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, *, config=None):
+    """int8 xq [M,K] with tile scales xs, int8 wq [N,K] with ws -> y [M,N] in out_dtype (bit-exact)."""
     m, k = xq.shape
     n = wq.shape[0]
     kt = triton.cdiv(k, TILE)
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
         return y
+    xq = xq.contiguous()
     wq = wq.contiguous()
+    xs = xs.contiguous()
     ws = ws.to(device=xq.device, dtype=torch.float32).contiguous()
     b = bias.to(device=xq.device, dtype=out_dtype).contiguous() if bias is not None else y
-    extra = {} if INTERPRET else {"enable_fp_fusion": not exact}
+    use_tma = _tma_ok(xq, wq)
+    # fp fusion off: the per-tile scale-and-add stays a multiply and an add, as in the reference
+    extra = {} if INTERPRET else {"enable_fp_fusion": False}
 
     def launch(cfg):
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _w8a8_gemm_kernel[grid](xq, xs, wq, ws, b, y, m, n, k, kt,
-                                HAS_BIAS=bias is not None, EVEN_K=k % TILE == 0,
-                                INTERPRET=INTERPRET, **cfg, **extra)
+        cfg = dict(cfg)
+        bm, bn, ch = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.pop("CHUNK_N")
+        if use_tma:
+            a_arg = TensorDescriptor.from_tensor(xq, [bm, TILE])
+            w_arg = TensorDescriptor.from_tensor(wq, [ch, TILE])
+        else:
+            a_arg, w_arg = xq, wq
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        _w8a8_gemm_kernel[grid](a_arg, xs, w_arg, ws, b, y, m, n, k, kt,
+                                HAS_BIAS=bias is not None, EVEN_K=k % TILE == 0, USE_TMA=use_tma,
+                                CHUNK_N=ch, INTERPRET=INTERPRET, **cfg, **extra)
 
     if config is None:
         if INTERPRET:
@@ -164,29 +234,28 @@ def w8a8_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, *, exact: boo
         elif not AUTOTUNE:
             config = GEMM_CONFIGS[0]
         else:
-            key = (m, n, k, out_dtype, bias is not None, exact)
+            key = (m, n, k, out_dtype, bias is not None, use_tma)
             if key not in _tuned:
                 from triton.testing import do_bench
 
-                best, best_t = GEMM_CONFIGS[0], float("inf")
+                best, best_t, times = GEMM_CONFIGS[0], float("inf"), []
                 for cfg in GEMM_CONFIGS:
                     try:
                         t = do_bench(lambda: launch(cfg), warmup=5, rep=20)
-                    except Exception:
+                    except Exception:  # a config that does not fit (shared memory, registers)
                         continue
+                    times.append((cfg, t))
                     if t < best_t:
                         best, best_t = cfg, t
                 _tuned[key] = best
+                TUNE_TIMES[key] = times
             config = _tuned[key]
     launch(config)
     return y
 
 
 class W8A8Kernel:
-    """Fast W8A8 for `Int8Linear` (mode "w8a8"): quantize_act + w8a8_gemm."""
-
-    def __init__(self, exact: bool = True):
-        self.exact = exact
+    """Fast W8A8 for `Int8Linear` (mode "w8a8"): quantize_act + w8a8_gemm (bit-exact)."""
 
     def supports(self, x: torch.Tensor) -> bool:
         return (x.is_cuda or INTERPRET) and x.dtype in (torch.bfloat16, torch.float16) and x.dim() >= 1
@@ -195,8 +264,8 @@ class W8A8Kernel:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xq, xs = quantize_act(x2)
-        y = w8a8_gemm(xq, xs, int8_weight, scale, bias, x.dtype, exact=self.exact)
+        y = w8a8_gemm(xq, xs, int8_weight, scale, bias, x.dtype)
         return y.reshape(*shape[:-1], int8_weight.shape[0])
 
     def __repr__(self) -> str:
-        return f"W8A8Kernel(exact={self.exact})"
+        return "W8A8Kernel()"
