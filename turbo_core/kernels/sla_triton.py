@@ -546,13 +546,18 @@ def usable_configs(configs, blkq: int, qk_int8: bool = False, v_fp8: bool = Fals
     return out
 
 
-def pick_config(key, configs, launch):
-    """First call per key: time each config with do_bench, keep the fastest."""
+def pick_config(key, configs, launch, tuned=None, times_log=None):
+    """First call per key: time each config with do_bench, keep the fastest.
+
+    `tuned` / `times_log` are the caller's caches (this module's by default), so
+    each kernel module keeps its own tables for bench_kernels to print."""
     if INTERPRET:
         return configs[0]
     if not AUTOTUNE or len(configs) == 1:
         return configs[0]
-    if key not in _tuned:
+    tuned = _tuned if tuned is None else tuned
+    times_log = TUNE_TIMES if times_log is None else times_log
+    if key not in tuned:
         from triton.testing import do_bench
 
         best, best_t, times = configs[0], float("inf"), []
@@ -564,9 +569,9 @@ def pick_config(key, configs, launch):
             times.append((cfg, t))
             if t < best_t:
                 best, best_t = cfg, t
-        _tuned[key] = best
-        TUNE_TIMES[key] = times
-    return _tuned[key]
+        tuned[key] = best
+        times_log[key] = times
+    return tuned[key]
 
 
 def _tma_descriptors(q, k, v, qc, kc, vt, qk_int8: bool, v_fp8: bool, blkk: int):

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sla_triton import AUTOTUNE, INTERPRET, _cast, _i32_to_f32
+from .sla_triton import INTERPRET, _cast, _i32_to_f32, pick_config
 
 try:  # triton >= 3.3: host-side TMA descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -231,25 +231,9 @@ def w8a8_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, *, config=Non
     if config is None:
         if INTERPRET:
             config = INTERP_GEMM_CONFIG
-        elif not AUTOTUNE:
-            config = GEMM_CONFIGS[0]
         else:
             key = (m, n, k, out_dtype, bias is not None, use_tma)
-            if key not in _tuned:
-                from triton.testing import do_bench
-
-                best, best_t, times = GEMM_CONFIGS[0], float("inf"), []
-                for cfg in GEMM_CONFIGS:
-                    try:
-                        t = do_bench(lambda: launch(cfg), warmup=5, rep=20)
-                    except Exception:  # a config that does not fit (shared memory, registers)
-                        continue
-                    times.append((cfg, t))
-                    if t < best_t:
-                        best, best_t = cfg, t
-                _tuned[key] = best
-                TUNE_TIMES[key] = times
-            config = _tuned[key]
+            config = pick_config(key, GEMM_CONFIGS, launch, _tuned, TUNE_TIMES)
     launch(config)
     return y
 
