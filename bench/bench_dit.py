@@ -1,6 +1,7 @@
 """Full DiT step time and peak memory on the GPU, random weights at the real sizes.
 
-  python bench/bench_dit.py [--only 1.3B|14B] [--reps 3]
+  python bench/bench_dit.py [--only 1.3B|14B] [--reps 3] [--runs int8+sla,...] [--compile]
+                           [--ffn-chunk 0,16384] [--profile]
 
 One step = one forward of the network at 81 frames (21 latent frames):
 1.3B-480p: latent [1,16,21,60,104] (L = 32760); 14B-720p: [1,16,21,90,160] (L = 75600).
@@ -68,7 +69,10 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--runs", default=",".join(f"{w}+{a}" for w, a in RUNS))
     ap.add_argument("--compile", action="store_true", help="also time each run with compiled blocks")
+    ap.add_argument("--compile-only", action="store_true", help="time compiled blocks only")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per run")
+    ap.add_argument("--ffn-chunk", default=None,
+                    help="comma list of FFN pass sizes in tokens to time (0 = one pass; default: the model's)")
     args = ap.parse_args()
     runs = [tuple(r.split("+")) for r in args.runs.split(",")]
     dev = torch.device("cuda")
@@ -95,11 +99,14 @@ def main():
             gc.collect()
             torch.cuda.empty_cache()
             weights_gib = torch.cuda.memory_allocated() / 2**30
-            for compiled in ([False, True] if args.compile else [False]):
+            chunks = [None] if args.ffn_chunk is None else [int(c) for c in args.ffn_chunk.split(",")]
+            for compiled in ([True] if args.compile_only else [False, True] if args.compile else [False]):
                 if compiled:
                     model.compile_blocks()
-                for attention in todo:
-                    label = attention + (" +compile" if compiled else "")
+                for chunk, attention in [(c, a) for c in chunks for a in todo]:
+                    if chunk is not None:
+                        model.set_ffn_chunk(chunk)
+                    label = attention + (" +compile" if compiled else "") + ("" if chunk is None else f" ffn{chunk}")
                     try:
                         sec, peak = time_forward(model, x, t, ctx, attention, args.reps)
                         if args.profile:

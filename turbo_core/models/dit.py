@@ -197,10 +197,18 @@ class CrossAttention(nn.Module):
         return self.o(dense_attention(q, k, v).flatten(2))
 
 
+# Tokens per FFN pass. One pass over all 75600 tokens of a 14B-720p video holds a
+# [L, 13824] hidden state three times (bf16 out, GELU, int8 codes: ~5 GiB); passes
+# of 16384 tokens hold ~1.1 GiB. A multiple of 128, so W8A8 activation tiles (128
+# rows) are unchanged by the split. 0 = one pass.
+FFN_CHUNK = 16384
+
+
 class Block(nn.Module):
     def __init__(self, cfg: DiTConfig, int8: set[str], sla_proj: bool, dtype):
         super().__init__()
         d = cfg.dim
+        self.ffn_chunk = FFN_CHUNK
         self.modulation = nn.Parameter(torch.empty(1, 6, d, device="meta"), requires_grad=False)
         self.norm1 = LayerNorm(d, cfg.eps)
         self.self_attn = SelfAttention(cfg, {n[len("self_attn."):] for n in int8 if n.startswith("self_attn.")},
@@ -219,7 +227,19 @@ class Block(nn.Module):
         x = x + self.self_attn(h, freqs, attention, sla_topk, shard) * gate_sa.to(x.dtype)  # bf16, as upstream
         x = x + self.cross_attn(self.norm3(x), ctx)
         h = torch.addcmul(shift_ff, self.norm2(x).float(), 1 + scale_ff).to(x.dtype)
-        return x + self.ffn(h) * gate_ff.to(x.dtype)
+        return self._ffn_residual(x, h, gate_ff.to(x.dtype))
+
+    def _ffn_residual(self, x, h, gate):
+        """x + ffn(h) * gate, in passes of at most `ffn_chunk` tokens (equal sizes, 128-aligned)."""
+        n = x.shape[1]
+        if not self.ffn_chunk or n <= self.ffn_chunk:
+            return x + self.ffn(h) * gate
+        passes = -(-n // self.ffn_chunk)
+        step = -(-n // (passes * 128)) * 128
+        out = torch.empty_like(x)
+        for s in range(0, n, step):
+            out[:, s:s + step] = x[:, s:s + step] + self.ffn(h[:, s:s + step]) * gate
+        return out
 
 
 class Head(nn.Module):
@@ -350,6 +370,13 @@ class WanDiT(nn.Module):
         residual arithmetic between the matmuls. Attention and int8 kernels stay eager."""
         for block in self.blocks:
             block.compile(dynamic=False, **options)
+
+    def set_ffn_chunk(self, tokens: int) -> None:
+        """Tokens per FFN pass (0: all at once); bounds the FFN's hidden-state memory."""
+        if tokens < 0 or tokens % 128:
+            raise ValueError(f"ffn chunk must be 0 or a positive multiple of 128, got {tokens}")
+        for block in self.blocks:
+            block.ffn_chunk = tokens
 
     def set_linear_mode(self, mode: str) -> None:
         """int8 layers: "w8a8" (exact official arithmetic / Triton GEMM) or "dequant"."""
