@@ -71,12 +71,18 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time each run with compiled blocks")
     ap.add_argument("--compile-only", action="store_true", help="time compiled blocks only")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per run")
+    ap.add_argument("--torch-norm-rope", action="store_true",
+                    help="q/k RMSNorm + RoPE with PyTorch ops instead of the fused Triton kernel")
     ap.add_argument("--ffn-chunk", default=None,
                     help="comma list of FFN pass sizes in tokens to time (0 = one pass; default: the model's)")
     args = ap.parse_args()
     runs = [tuple(r.split("+")) for r in args.runs.split(",")]
     dev = torch.device("cuda")
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, kernels {try_kernels()}")
+    if args.torch_norm_rope:
+        from turbo_core.models.dit import SelfAttention
+
+        SelfAttention.fused_norm_rope = None
     rows = []
     for name, cfg in CONFIGS.items():
         if args.only and name != args.only:
@@ -106,7 +112,8 @@ def main():
                 for chunk, attention in [(c, a) for c in chunks for a in todo]:
                     if chunk is not None:
                         model.set_ffn_chunk(chunk)
-                    label = attention + (" +compile" if compiled else "") + ("" if chunk is None else f" ffn{chunk}")
+                    label = attention + (" +compile" if compiled else "") + ("" if chunk is None else f" ffn{chunk}") \
+                        + (" torch-norm-rope" if args.torch_norm_rope else "")
                     try:
                         sec, peak = time_forward(model, x, t, ctx, attention, args.reps)
                         if args.profile:

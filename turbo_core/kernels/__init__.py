@@ -1,11 +1,12 @@
-"""Triton fast paths: SLA / SageSLA attention and the W8A8 int8 linear.
+"""Triton fast paths: SLA / SageSLA attention, the W8A8 int8 linear, fused q/k RMSNorm + RoPE.
 
     from turbo_core import kernels
     kernels.install()   # -> True when the kernels were registered
 
 `install()` registers the attention backends "sla" and "sagesla" (int8 q/k;
 fp8 V on sm89/sm90+, bf16 V on sm80/86) with `turbo_core.attention.register`,
-and sets `Int8Linear.kernel` to the Triton W8A8 kernel object. It needs sm80+
+sets `Int8Linear.kernel` to the Triton W8A8 kernel object and
+`SelfAttention.fused_norm_rope` to the fused RMSNorm + RoPE kernel. It needs sm80+
 (bf16/int8 tensor-core dots). It is idempotent and never raises: without
 triton, without a CUDA device (and TRITON_INTERPRET unset) or on an older GPU
 it returns False and the PyTorch references stay in use.
@@ -55,8 +56,9 @@ def install() -> bool:
         import torch
 
         from ..attention import register
+        from ..models.dit import SelfAttention
         from ..quant.int8 import Int8Linear
-        from . import sagesla_triton, sla_triton, w8a8_triton
+        from . import norm_rope_triton, sagesla_triton, sla_triton, w8a8_triton
 
         if not sla_triton.INTERPRET and torch.cuda.get_device_capability() < (8, 0):
             # bf16 / int8 tensor-core dots need sm80+: keep the PyTorch paths
@@ -66,6 +68,7 @@ def install() -> bool:
         register("sla", sla_triton.sla_backend)
         register("sagesla", sagesla_triton.sagesla_backend)  # fp8 V on sm89+, bf16 V on sm80/86
         Int8Linear.kernel = w8a8_triton.W8A8Kernel()
+        SelfAttention.fused_norm_rope = norm_rope_triton  # RMSNorm + RoPE of q and k in one pass
     except Exception as exc:  # a broken triton install must not break the node pack
         _error = f"{type(exc).__name__}: {exc}"
         log.warning("turbo_core.kernels: Triton kernels not installed (%s)", _error)

@@ -141,6 +141,11 @@ def make_linear(d_in: int, d_out: int, int8: bool, dtype) -> nn.Module:
     return nn.Linear(d_in, d_out, device="meta", dtype=dtype)
 
 
+@torch.compiler.disable  # a Triton kernel: runs eagerly inside compiled blocks
+def _eager_norm_rope(fused, y, weight, freqs, eps, heads):
+    return fused.norm_rope(y, weight, freqs, eps, heads)
+
+
 class _Namespace(nn.Module):
     """An empty module that only carries a name in the state-dict path."""
 
@@ -149,6 +154,10 @@ class _Namespace(nn.Module):
 # attention and blocks
 
 class SelfAttention(nn.Module):
+    # norm_rope(y, weight, freqs, eps, heads) with supports(y, heads): the fused Triton
+    # RMSNorm + RoPE, set by turbo_core.kernels.install(); None = the PyTorch ops.
+    fused_norm_rope = None
+
     def __init__(self, cfg: DiTConfig, int8: set[str], sla_proj: bool, dtype):
         super().__init__()
         d = cfg.dim
@@ -167,10 +176,17 @@ class SelfAttention(nn.Module):
         p = self.attn_op.local_attn.proj_l
         return p.weight, p.bias
 
+    def _norm_rope(self, y, norm: RMSNorm, freqs):
+        fused = type(self).fused_norm_rope
+        if fused is not None and fused.supports(y, self.heads):
+            return _eager_norm_rope(fused, y, norm.weight, freqs, norm.eps, self.heads)
+        b, n, _ = y.shape
+        return apply_rope(norm(y).view(b, n, self.heads, HEAD_DIM), freqs)
+
     def forward(self, x, freqs, attention: str, sla_topk: float, shard=None):
         b, n, _ = x.shape
-        q = apply_rope(self.norm_q(self.q(x)).view(b, n, self.heads, HEAD_DIM), freqs)
-        k = apply_rope(self.norm_k(self.k(x)).view(b, n, self.heads, HEAD_DIM), freqs)
+        q = self._norm_rope(self.q(x), self.norm_q, freqs)
+        k = self._norm_rope(self.k(x), self.norm_k, freqs)
         v = self.v(x).view(b, n, self.heads, HEAD_DIM)
         if shard is None:
             out = self_attention(q, k, v, attention, proj_l=self.proj_l, topk=sla_topk)  # [B,L,H,128]
