@@ -183,16 +183,29 @@ class SelfAttention(nn.Module):
         b, n, _ = y.shape
         return apply_rope(norm(y).view(b, n, self.heads, HEAD_DIM), freqs)
 
-    def forward(self, x, freqs, attention: str, sla_topk: float, shard=None):
+    def qkv(self, x, freqs) -> list:
+        """[q, k, v] as [B,L,H,128] (q, k normed and rotated). Called as a plain method with a
+        temporary x, so x is freed here once v is made (an nn.Module call would hold it)."""
         b, n, _ = x.shape
         q = self._norm_rope(self.q(x), self.norm_q, freqs)
         k = self._norm_rope(self.k(x), self.norm_k, freqs)
         v = self.v(x).view(b, n, self.heads, HEAD_DIM)
+        del x
+        return [q, k, v]
+
+    def attend(self, qkv: list, attention: str, sla_topk: float, shard=None):
+        """Attention over `qkv` (emptied here, so q/k/v are freed before the output projection)."""
+        q, k, v = qkv
+        qkv.clear()
         if shard is None:
             out = self_attention(q, k, v, attention, proj_l=self.proj_l, topk=sla_topk)  # [B,L,H,128]
         else:  # sequence parallel: all-to-all, full sequence for H/N heads, all-to-all back
             out = shard.attention(self_attention, q, k, v, attention, proj_l=self.proj_l, topk=sla_topk)
+        del q, k, v
         return self.o(out.flatten(2))
+
+    def forward(self, x, freqs, attention: str, sla_topk: float, shard=None):
+        return self.attend(self.qkv(x, freqs), attention, sla_topk, shard)
 
 
 class CrossAttention(nn.Module):
@@ -239,8 +252,10 @@ class Block(nn.Module):
     def forward(self, x, e0, freqs, ctx, attention, sla_topk, shard=None):
         # e0 [B,6,D] fp32 -> shift/scale/gate for self-attention, then for the FFN
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
-        h = torch.addcmul(shift_sa, self.norm1(x).float(), 1 + scale_sa).to(x.dtype)
-        x = x + self.self_attn(h, freqs, attention, sla_topk, shard) * gate_sa.to(x.dtype)  # bf16, as upstream
+        # plain method calls with temporaries: the modulated input and q/k/v are freed as soon
+        # as they are used (14B-720p: 0.7 GiB each), not held until the attention returns
+        qkv = self.self_attn.qkv(torch.addcmul(shift_sa, self.norm1(x).float(), 1 + scale_sa).to(x.dtype), freqs)
+        x = x + self.self_attn.attend(qkv, attention, sla_topk, shard) * gate_sa.to(x.dtype)  # bf16, as upstream
         x = x + self.cross_attn(self.norm3(x), ctx)
         h = torch.addcmul(shift_ff, self.norm2(x).float(), 1 + scale_ff).to(x.dtype)
         return self._ffn_residual(x, h, gate_ff.to(x.dtype))
