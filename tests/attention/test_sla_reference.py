@@ -73,3 +73,13 @@ def test_dispatch_names():
         assert self_attention(q, k, v, name, topk=0.5).shape == q.shape
     with pytest.raises(ValueError, match="original, sla, sagesla, auto"):
         self_attention(q, k, v, "flash")
+
+
+def test_auto_is_sla_off_the_gpu():
+    # on CUDA auto picks sagesla from sm89 on (checked by bench/bench_dit.py on the H100)
+    from turbo_core.attention import resolve
+
+    assert resolve("auto", torch.device("cpu")) == "sla"
+    assert resolve("sagesla", torch.device("cpu")) == "sagesla"
+    q, k, v = (torch.randn(1, 200, 2, 128) for _ in range(3))
+    assert torch.equal(self_attention(q, k, v, "auto", topk=0.3), self_attention(q, k, v, "sla", topk=0.3))

@@ -5,9 +5,10 @@ kernels register here without touching the model.
   original  dense softmax attention (torch SDPA)
   sla       sparse-linear attention (Triton kernel on CUDA, PyTorch reference elsewhere)
   sagesla   SLA with int8 q/k and fp8 V (Triton, sm89+), falls back to sla
-  auto      the fastest on this device: SLA (the Triton kernel on CUDA). On the H100
-            the SageSLA-class kernel measured slower than SLA (3.3 vs 2.3 ms at
-            1.3B-480p) and is less exact, so auto does not pick it (bench/RESULTS.md).
+  auto      sagesla on sm89 / sm90 and newer (on the H100 1.79 vs 1.98 ms at 1.3B-480p,
+            ~10% faster at 14B-720p: bench/RESULTS.md), sla on other CUDA GPUs and the
+            CPU; if the SageSLA kernel fails to build on a GPU, auto says so once and
+            stays on SLA.
 """
 from __future__ import annotations
 
@@ -64,7 +65,16 @@ def resolve(backend: str, device: torch.device) -> str:
     """The backend that will actually run for `backend` on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"attention must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    return "sla" if backend == "auto" else backend
+    if backend != "auto":
+        return backend
+    # auto: SageSLA-class where int8 q/k and fp8 V tensor cores exist (Ada sm89, Hopper sm90 and
+    # newer), SLA on other CUDA GPUs and for the PyTorch reference on the CPU / MPS
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9):
+        return "sagesla"
+    return "sla"
+
+
+_SAGE_FAILED: list = []  # why the SageSLA kernel failed under "auto" (then SLA runs instead)
 
 
 @torch.compiler.disable  # kernels are called eagerly; compiled blocks break the graph here
@@ -80,8 +90,19 @@ def self_attention(q, k, v, backend: str = "original", *, proj_l=None, topk: flo
         if fast is None and name == "sagesla":
             say_once("attention 'sagesla': this GPU lacks int8/fp8 tensor cores for it; using SLA")
             fast = _FAST.get("sla")
+    if fast is not None and name == "sagesla" and backend == "auto" and _SAGE_FAILED:
+        fast = _FAST.get("sla")
+        name = "sla"
     if fast is not None:
         say_once(f"attention '{backend}': Triton {name} kernel")
+        if backend == "auto" and name == "sagesla":
+            try:
+                return fast(q, k, v, w, b, topk)
+            except Exception as exc:  # an arch where the int8/fp8 kernel does not build: keep going on SLA
+                _SAGE_FAILED.append(f"{type(exc).__name__}: {exc}")
+                log.warning("attention 'auto': SageSLA kernel failed (%s); using SLA from now on",
+                            _SAGE_FAILED[0][:300])
+                return _FAST["sla"](q, k, v, w, b, topk)
         return fast(q, k, v, w, b, topk)
     say_once(f"attention '{backend}': PyTorch SLA reference on {q.device.type}")
     return sla_attention(q, k, v, w, b, topk=topk)

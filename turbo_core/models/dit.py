@@ -402,6 +402,15 @@ class WanDiT(nn.Module):
         for block in self.blocks:
             block.compile(dynamic=False, **options)
 
+    def uncompile_blocks(self) -> None:
+        """Back to eager blocks (undoes `compile_blocks`)."""
+        for block in self.blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile sets
+
+    @property
+    def blocks_compiled(self) -> bool:
+        return getattr(self.blocks[0], "_compiled_call_impl", None) is not None
+
     def set_ffn_chunk(self, tokens: int) -> None:
         """Tokens per FFN pass (0: all at once); bounds the FFN's hidden-state memory."""
         if tokens < 0 or tokens % 128:
