@@ -196,7 +196,10 @@ def test_backend_function_and_install(monkeypatch):
     from turbo_core.quant.int8 import Int8Linear
 
     monkeypatch.setattr(attention, "_FAST", {})
+    from turbo_core.models.dit import SelfAttention
+
     monkeypatch.setattr(Int8Linear, "kernel", None)
+    monkeypatch.setattr(SelfAttention, "fused_norm_rope", None)
     monkeypatch.setattr(kernels, "_installed", False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kernels.available()
@@ -204,6 +207,8 @@ def test_backend_function_and_install(monkeypatch):
     assert attention._FAST["sla"] is sla_triton.sla_backend
     assert attention._FAST["sagesla"] is sagesla_triton.sagesla_backend
     assert isinstance(Int8Linear.kernel, w8a8_triton.W8A8Kernel)
+    # CPU models keep the PyTorch q/k norm + RoPE under the interpreter (set on CUDA installs only)
+    assert SelfAttention.fused_norm_rope is None
 
     q, k, v, w, bias = _inputs(1, 150, 1, offset=17)
     out = attention._FAST["sla"](q, k, v, w, bias, 0.5)

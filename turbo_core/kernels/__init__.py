@@ -68,7 +68,8 @@ def install() -> bool:
         register("sla", sla_triton.sla_backend)
         register("sagesla", sagesla_triton.sagesla_backend)  # fp8 V on sm89+, bf16 V on sm80/86
         Int8Linear.kernel = w8a8_triton.W8A8Kernel()
-        SelfAttention.fused_norm_rope = norm_rope_triton  # RMSNorm + RoPE of q and k in one pass
+        if not sla_triton.INTERPRET:  # CPU models keep the PyTorch ops (tests set it explicitly)
+            SelfAttention.fused_norm_rope = norm_rope_triton  # RMSNorm + RoPE of q and k in one pass
     except Exception as exc:  # a broken triton install must not break the node pack
         _error = f"{type(exc).__name__}: {exc}"
         log.warning("turbo_core.kernels: Triton kernels not installed (%s)", _error)
