@@ -171,9 +171,14 @@ def i2v_condition(vae, image, *, width: int, height: int, num_frames: int, tile=
     return torch.cat([mask, latent.float()], dim=1)
 
 
-def _finish(frames, latent, out, fps, format, quality, timings) -> GenerationResult:
+def _finish(vae, latent, lead, vae_tile, progress, out, fps, format, quality, timings) -> GenerationResult:
+    """Decode (lead rank only: the others return just the latent), write `out`, report."""
     from .io.video import write_video
 
+    if not lead:
+        return GenerationResult(frames=None, latent=latent, timings=timings)
+    with _timed(timings, "vae decode"):
+        frames = decode_latent(vae, latent, tile=vae_tile, progress=progress and progress("vae decode"))
     paths = []
     if out is not None:
         out = str(out)
@@ -210,11 +215,7 @@ def generate_t2v(dit, vae, text_encoder, prompt, *, width: int = 832, height: in
         latent = sample_latent(dit, context, shape=shape, steps=steps, sigma_max=sigma_max, seed=seed,
                                attention=attention, sla_topk=sla_topk, noise_device=noise_device,
                                callback=callback, parallel=parallel)
-    if not lead:
-        return GenerationResult(frames=None, latent=latent, timings=timings)
-    with _timed(timings, "vae decode"):
-        frames = decode_latent(vae, latent, tile=vae_tile, progress=progress and progress("vae decode"))
-    return _finish(frames, latent, out, fps, format, quality, timings)
+    return _finish(vae, latent, lead, vae_tile, progress, out, fps, format, quality, timings)
 
 
 def generate_i2v(models, vae, text_encoder, prompt, image, *, width: int = 1280, height: int = 720,
@@ -248,8 +249,4 @@ def generate_i2v(models, vae, text_encoder, prompt, image, *, width: int = 1280,
                                y=y, boundary=boundary, ode=ode,
                                attention=attention, sla_topk=sla_topk, noise_device=noise_device,
                                callback=callback, parallel=parallel)
-    if not lead:
-        return GenerationResult(frames=None, latent=latent, timings=timings)
-    with _timed(timings, "vae decode"):
-        frames = decode_latent(vae, latent, tile=vae_tile, progress=progress and progress("vae decode"))
-    return _finish(frames, latent, out, fps, format, quality, timings)
+    return _finish(vae, latent, lead, vae_tile, progress, out, fps, format, quality, timings)

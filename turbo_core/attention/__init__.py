@@ -68,13 +68,15 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend != "auto":
         return backend
     # auto: SageSLA-class where int8 q/k and fp8 V tensor cores exist (Ada sm89, Hopper sm90 and
-    # newer), SLA on other CUDA GPUs and for the PyTorch reference on the CPU / MPS
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9):
+    # newer) unless its kernel already failed here, SLA on other CUDA GPUs and for the PyTorch
+    # reference on the CPU / MPS
+    if device.type == "cuda" and not _SAGE_FAILED and torch.cuda.is_available() \
+            and torch.cuda.get_device_capability(device) >= (8, 9):
         return "sagesla"
     return "sla"
 
 
-_SAGE_FAILED: list = []  # why the SageSLA kernel failed under "auto" (then SLA runs instead)
+_SAGE_FAILED: list = []  # why the SageSLA kernel failed under "auto" (then auto resolves to SLA)
 
 
 @torch.compiler.disable  # kernels are called eagerly; compiled blocks break the graph here
@@ -90,9 +92,6 @@ def self_attention(q, k, v, backend: str = "original", *, proj_l=None, topk: flo
         if fast is None and name == "sagesla":
             say_once("attention 'sagesla': this GPU lacks int8/fp8 tensor cores for it; using SLA")
             fast = _FAST.get("sla")
-    if fast is not None and name == "sagesla" and backend == "auto" and _SAGE_FAILED:
-        fast = _FAST.get("sla")
-        name = "sla"
     if fast is not None:
         say_once(f"attention '{backend}': Triton {name} kernel")
         if backend == "auto" and name == "sagesla":

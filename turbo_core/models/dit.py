@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import dense_attention, self_attention
-from ..quant.int8 import Int8Linear
+from ..quant.int8 import Int8Linear, run_eager
 
 HEAD_DIM = 128
 PATCH = (1, 2, 2)
@@ -141,11 +141,6 @@ def make_linear(d_in: int, d_out: int, int8: bool, dtype) -> nn.Module:
     return nn.Linear(d_in, d_out, device="meta", dtype=dtype)
 
 
-@torch.compiler.disable  # a Triton kernel: runs eagerly inside compiled blocks
-def _eager_norm_rope(fused, y, weight, freqs, eps, heads):
-    return fused.norm_rope(y, weight, freqs, eps, heads)
-
-
 class _Namespace(nn.Module):
     """An empty module that only carries a name in the state-dict path."""
 
@@ -179,7 +174,7 @@ class SelfAttention(nn.Module):
     def _norm_rope(self, y, norm: RMSNorm, freqs):
         fused = type(self).fused_norm_rope
         if fused is not None and fused.supports(y, self.heads):
-            return _eager_norm_rope(fused, y, norm.weight, freqs, norm.eps, self.heads)
+            return run_eager(fused.norm_rope, y, norm.weight, freqs, norm.eps, self.heads)
         b, n, _ = y.shape
         return apply_rope(norm(y).view(b, n, self.heads, HEAD_DIM), freqs)
 

@@ -70,8 +70,8 @@ def w8a8_linear_reference(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
     return y.reshape(*shape[:-1], n)
 
 
-@torch.compiler.disable  # Triton kernels run eagerly inside compiled blocks
-def _eager(kernel, *args):
+@torch.compiler.disable  # Triton kernels run eagerly inside compiled blocks (a graph break)
+def run_eager(kernel, *args):
     return kernel(*args)
 
 
@@ -100,7 +100,7 @@ class Int8Linear(nn.Module):
         if self.mode == "w8a8":
             kernel = type(self).kernel
             if kernel is not None and kernel.supports(x):
-                return _eager(kernel, x, self.int8_weight, self.scale, self.bias)
+                return run_eager(kernel, x, self.int8_weight, self.scale, self.bias)
             return w8a8_linear_reference(x, self.int8_weight, self.scale, self.bias)
         w = dequantize_int8(self.int8_weight, self.scale, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
