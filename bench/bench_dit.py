@@ -1,7 +1,7 @@
 """Full DiT step time and peak memory on the GPU, random weights at the real sizes.
 
   python bench/bench_dit.py [--only 1.3B|14B] [--reps 3] [--runs int8+sla,...] [--compile]
-                           [--ffn-chunk 0,16384] [--profile]
+                           [--ffn-chunk 0,16384] [--profile] [--torch-norm-rope] [--torch-block-ops]
 
 One step = one forward of the network at 81 frames (21 latent frames):
 1.3B-480p: latent [1,16,21,60,104] (L = 32760); 14B-720p: [1,16,21,90,160] (L = 75600).
@@ -73,6 +73,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per run")
     ap.add_argument("--torch-norm-rope", action="store_true",
                     help="q/k RMSNorm + RoPE with PyTorch ops instead of the fused Triton kernel")
+    ap.add_argument("--torch-block-ops", action="store_true",
+                    help="residual adds, LayerNorms and AdaLN with PyTorch ops instead of the fused Triton kernel")
     ap.add_argument("--ffn-chunk", default=None,
                     help="comma list of FFN pass sizes in tokens to time (0 = one pass; default: the model's)")
     args = ap.parse_args()
@@ -83,6 +85,10 @@ def main():
         from turbo_core.models.dit import SelfAttention
 
         SelfAttention.fused_norm_rope = None
+    if args.torch_block_ops:
+        from turbo_core.models.dit import Block
+
+        Block.fused_ops = None
     rows = []
     for name, cfg in CONFIGS.items():
         if args.only and name != args.only:
@@ -113,7 +119,8 @@ def main():
                     if chunk is not None:
                         model.set_ffn_chunk(chunk)
                     label = attention + (" +compile" if compiled else "") + ("" if chunk is None else f" ffn{chunk}") \
-                        + (" torch-norm-rope" if args.torch_norm_rope else "")
+                        + (" torch-norm-rope" if args.torch_norm_rope else "") \
+                        + (" torch-block-ops" if args.torch_block_ops else "")
                     try:
                         sec, peak = time_forward(model, x, t, ctx, attention, args.reps)
                         if args.profile:

@@ -1,6 +1,6 @@
 """Triton kernel micro-benchmarks on one GPU (written for an H100), with GPU correctness checks first.
 
-  python bench/bench_kernels.py [--only attn|w8a8] [--skip-14b] [--no-autotune] [--rep 100]
+  python bench/bench_kernels.py [--only attn|w8a8|ops] [--skip-14b] [--no-autotune] [--rep 100]
 
 (a) self-attention 1.3B-480p: B=1, L=32760, H=12, D=128, topk 0.1
 (b) self-attention 14B-720p:  B=1, L=75600, H=40, D=128, topk 0.1
@@ -10,6 +10,10 @@
 (c) W8A8 linear at M=32760, (K,N) in (1536,1536) (1536,8960) (8960,1536) (5120,13824):
     activation quant + int8 GEMM (bit-exact; every config checked at full size; and each part) vs
     bf16 F.linear (cuBLAS); plus bf16 cuBLAS TFLOP/s at 8192^3.
+(d) the DiT block's row-wise glue at 1.3B-480p (L=32760, D=1536) and 14B-720p (L=75600,
+    D=5120): norm1 + AdaLN, gated residual + norm3, residual + norm2 + AdaLN, gated FFN
+    residual, as the block's torch ops and as the fused Triton kernel (residual sums
+    checked bit-exact, norms checked against torch on the GPU); a bf16 copy of x as the floor.
 
 Times are medians of triton.testing.do_bench (warmup/rep in ms). A function whose
 first run takes more than 150 ms (dense SDPA at 14B) is timed as the median of 3
@@ -312,6 +316,61 @@ def w8a8_case(m, kdim, n, rep):
     torch.cuda.empty_cache()
 
 
+def block_ops_case(name, n, d, rep):
+    from turbo_core.kernels import residual_norm_triton as rn
+    from turbo_core.models.dit import LayerNorm
+
+    g = torch.Generator(device=DEV).manual_seed(2)
+    bf = torch.bfloat16
+    x = torch.randn(1, n, d, device=DEV, generator=g).to(bf)
+    y = torch.randn(1, n, d, device=DEV, generator=g).to(bf)
+    shift, scale, gate = (0.5 * torch.randn(1, 6, d, device=DEV, generator=g)).chunk(6, dim=1)[:3]
+    norm1 = LayerNorm(d, 1e-6)
+    norm3 = LayerNorm(d, 1e-6, affine=True).to(DEV)
+    norm3.weight.data.normal_(1.0, 0.1, generator=g)
+    norm3.bias.data.normal_(0.0, 0.1, generator=g)
+    case = f"block ops {name}"
+
+    def t_mod():
+        return torch.addcmul(shift, norm1(x).float(), 1 + scale).to(bf)
+
+    def t_res3():
+        x1 = x + y * gate.to(bf)
+        return x1, norm3(x1)
+
+    def t_res2():
+        x2 = x + y
+        return x2, torch.addcmul(shift, norm1(x2).float(), 1 + scale).to(bf)
+
+    def t_gated():
+        return x + y * gate.to(bf)
+
+    pairs = {
+        "norm1 + AdaLN": (t_mod, lambda: rn.norm_modulate(x, shift, scale, 1e-6)),
+        "gated residual + norm3": (t_res3, lambda: rn.add_norm(x, y, gate, 1e-6, weight=norm3.weight,
+                                                                   bias=norm3.bias)),
+        "residual + norm2 + AdaLN": (t_res2, lambda: rn.add_norm(x, y, None, 1e-6, shift=shift, scale=scale)),
+        "gated FFN residual": (t_gated, lambda: rn.gated_add(x, y, gate)),
+    }
+    checks = {}
+    for what, (torch_fn, fused_fn) in pairs.items():
+        ref, out = torch_fn(), fused_fn()
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        out = out if isinstance(out, tuple) else (out,)
+        for part, r, o in zip(("sum", "norm") if len(ref) == 2 else ("out",), ref, out):
+            key = f"{what} {part}"
+            diff = (o.float() - r.float()).abs()
+            checks[key + " differing fraction"] = float((diff > 0).float().mean())
+            checks[key + " max abs diff"] = float(diff.max())
+        base = record(case, f"{what}: torch ops", bench_ms(torch_fn, rep))
+        record(case, f"{what}: fused Triton", bench_ms(fused_fn, rep), baseline_ms=base)
+    record(case, "  floor: bf16 copy of x", bench_ms(lambda: x.clone(), rep))
+    CHECKS[case] = checks
+    log(f"check {case}: {checks}")
+    del x, y
+    torch.cuda.empty_cache()
+
+
 def cublas_peak(rep):
     a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     bm = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
@@ -330,7 +389,7 @@ def table() -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["attn", "w8a8"])
+    ap.add_argument("--only", choices=["attn", "w8a8", "ops"])
     ap.add_argument("--skip-14b", action="store_true")
     ap.add_argument("--no-autotune", action="store_true", help="use the first config of each kernel")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
@@ -374,6 +433,11 @@ def main():
                 dump()
             if not args.smoke:
                 cublas_peak(args.rep)
+        if args.only in (None, "ops"):
+            block_ops_case("1.3B-480p", 32760 // small, 1536 // small, args.rep)
+            if not args.skip_14b:
+                block_ops_case("14B-720p", 75600 // small, 5120 // small, args.rep)
+            dump()
     finally:
         INFO["elapsed_s"] = round(time.time() - T0, 1)
         dump()

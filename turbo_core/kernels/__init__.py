@@ -1,4 +1,5 @@
-"""Triton fast paths: SLA / SageSLA attention, the W8A8 int8 linear, fused q/k RMSNorm + RoPE.
+"""Triton fast paths: SLA / SageSLA attention, the W8A8 int8 linear, fused q/k RMSNorm + RoPE,
+fused residual add + LayerNorm + AdaLN.
 
     from turbo_core import kernels
     kernels.install()   # -> True when the kernels were registered
@@ -6,7 +7,8 @@
 `install()` registers the attention backends "sla" and "sagesla" (int8 q/k;
 fp8 V on sm89/sm90+, bf16 V on sm80/86) with `turbo_core.attention.register`,
 sets `Int8Linear.kernel` to the Triton W8A8 kernel object and
-`SelfAttention.fused_norm_rope` to the fused RMSNorm + RoPE kernel. It needs sm80+
+`SelfAttention.fused_norm_rope` to the fused RMSNorm + RoPE kernel and
+`Block.fused_ops` to the fused residual / LayerNorm / AdaLN kernels. It needs sm80+
 (bf16/int8 tensor-core dots). It is idempotent and never raises: without
 triton, without a CUDA device (and TRITON_INTERPRET unset) or on an older GPU
 it returns False and the PyTorch references stay in use.
@@ -56,9 +58,9 @@ def install() -> bool:
         import torch
 
         from ..attention import register
-        from ..models.dit import SelfAttention
+        from ..models.dit import Block, SelfAttention
         from ..quant.int8 import Int8Linear
-        from . import norm_rope_triton, sagesla_triton, sla_triton, w8a8_triton
+        from . import norm_rope_triton, residual_norm_triton, sagesla_triton, sla_triton, w8a8_triton
 
         if not sla_triton.INTERPRET and torch.cuda.get_device_capability() < (8, 0):
             # bf16 / int8 tensor-core dots need sm80+: keep the PyTorch paths
@@ -70,6 +72,7 @@ def install() -> bool:
         Int8Linear.kernel = w8a8_triton.W8A8Kernel()
         if not sla_triton.INTERPRET:  # CPU models keep the PyTorch ops (tests set it explicitly)
             SelfAttention.fused_norm_rope = norm_rope_triton  # RMSNorm + RoPE of q and k in one pass
+            Block.fused_ops = residual_norm_triton  # each residual add + the norm after it in one pass
     except Exception as exc:  # a broken triton install must not break the node pack
         _error = f"{type(exc).__name__}: {exc}"
         log.warning("turbo_core.kernels: Triton kernels not installed (%s)", _error)

@@ -228,7 +228,18 @@ class CrossAttention(nn.Module):
 FFN_CHUNK = 16384
 
 
+def _compiling() -> bool:
+    """Inside torch.compile tracing (torch.compiler.is_compiling is torch >= 2.3)."""
+    probe = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return probe()
+
+
 class Block(nn.Module):
+    # The fused gated-residual / LayerNorm / AdaLN Triton kernels (kernels.residual_norm_triton),
+    # set by turbo_core.kernels.install(); None = the PyTorch ops. Compiled blocks keep the
+    # PyTorch ops, which inductor fuses itself (no graph breaks).
+    fused_ops = None
+
     def __init__(self, cfg: DiTConfig, int8: set[str], sla_proj: bool, dtype):
         super().__init__()
         d = cfg.dim
@@ -247,24 +258,54 @@ class Block(nn.Module):
     def forward(self, x, e0, freqs, ctx, attention, sla_topk, shard=None):
         # e0 [B,6,D] fp32 -> shift/scale/gate for self-attention, then for the FFN
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
+        fused = self._fused(x)
         # plain method calls with temporaries: the modulated input and q/k/v are freed as soon
         # as they are used (14B-720p: 0.7 GiB each), not held until the attention returns
-        qkv = self.self_attn.qkv(torch.addcmul(shift_sa, self.norm1(x).float(), 1 + scale_sa).to(x.dtype), freqs)
-        x = x + self.self_attn.attend(qkv, attention, sla_topk, shard) * gate_sa.to(x.dtype)  # bf16, as upstream
-        x = x + self.cross_attn(self.norm3(x), ctx)
-        h = torch.addcmul(shift_ff, self.norm2(x).float(), 1 + scale_ff).to(x.dtype)
-        return self._ffn_residual(x, h, gate_ff.to(x.dtype))
+        qkv = self.self_attn.qkv(self._modulate(fused, self.norm1, x, shift_sa, scale_sa), freqs)
+        attn = self.self_attn.attend(qkv, attention, sla_topk, shard)
+        if fused is None:
+            x = x + attn * gate_sa.to(x.dtype)  # bf16, as upstream
+            del attn
+            x = x + self.cross_attn(self.norm3(x), ctx)
+            h = self._modulate(None, self.norm2, x, shift_ff, scale_ff)
+        else:  # the same math, each residual add fused with the norm that follows it
+            x, n = fused.add_norm(x, attn, gate_sa, self.norm3.eps, weight=self.norm3.weight, bias=self.norm3.bias)
+            del attn
+            c = self.cross_attn(n, ctx)
+            del n
+            x, h = fused.add_norm(x, c, None, self.norm2.eps, shift=shift_ff, scale=scale_ff)
+            del c
+        return self._ffn_residual(x, h, gate_ff, fused)
 
-    def _ffn_residual(self, x, h, gate):
-        """x + ffn(h) * gate, in passes of at most `ffn_chunk` tokens (equal sizes, 128-aligned)."""
+    def _fused(self, x):
+        """The fused row kernels when they apply to x (eager CUDA blocks), else None."""
+        fused = type(self).fused_ops
+        if fused is None or not fused.supports(x) or _compiling():
+            return None
+        return fused
+
+    @staticmethod
+    def _modulate(fused, norm, x, shift, scale):
+        """AdaLN: shift + norm(x) * (1 + scale), fp32 math, in x's dtype."""
+        if fused is not None:
+            return fused.norm_modulate(x, shift, scale, norm.eps)
+        return torch.addcmul(shift, norm(x).float(), 1 + scale).to(x.dtype)
+
+    def _ffn_residual(self, x, h, gate, fused=None):
+        """x + ffn(h) * gate.to(x.dtype), in passes of at most `ffn_chunk` tokens (equal sizes, 128-aligned)."""
         n = x.shape[1]
         if not self.ffn_chunk or n <= self.ffn_chunk:
-            return x + self.ffn(h) * gate
+            if fused is not None:
+                return fused.gated_add(x, self.ffn(h), gate)
+            return x + self.ffn(h) * gate.to(x.dtype)
         passes = -(-n // self.ffn_chunk)
         step = -(-n // (passes * 128)) * 128
         out = torch.empty_like(x)
         for s in range(0, n, step):
-            out[:, s:s + step] = x[:, s:s + step] + self.ffn(h[:, s:s + step]) * gate
+            if fused is not None:
+                fused.gated_add(x[:, s:s + step], self.ffn(h[:, s:s + step]), gate, out=out[:, s:s + step])
+            else:
+                out[:, s:s + step] = x[:, s:s + step] + self.ffn(h[:, s:s + step]) * gate.to(x.dtype)
         return out
 
 

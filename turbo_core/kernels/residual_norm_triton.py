@@ -1,0 +1,187 @@
+"""The DiT block's row-wise glue in one Triton kernel: gated residual add, LayerNorm, AdaLN.
+
+Between its matmuls a Wan block does, per token row of width D (see `models.dit.Block`):
+
+    h  = (shift_sa + LN(x) * (1 + scale_sa)).to(dtype)   # norm1 + modulation -> q/k/v
+    x  = x + attn * gate_sa.to(dtype)                     # gated residual (dtype math)
+    n  = LN_affine(x.float()).to(dtype)                   # norm3 -> cross-attention
+    x  = x + cross
+    h  = (shift_ff + LN(x) * (1 + scale_ff)).to(dtype)   # norm2 + modulation -> FFN
+    x  = x + ffn(h) * gate_ff.to(dtype)
+
+In PyTorch each line is 2-4 kernels with fp32 temporaries of the whole [L, D]
+(at 14B-720p 1.5 GiB each). Here each line, or an add followed by its norm, is
+one pass: the inputs are read once, the sum and the normed row written once.
+
+`add_norm(x, y, gate, eps, ...)`, `norm_modulate(x, shift, scale, eps)` and
+`gated_add(x, y, gate, out=None)` keep the torch path's rounding points:
+  * y * gate and x + (y * gate) are each rounded to x's dtype (bf16 math in
+    torch); the gate is first rounded to x's dtype (`gate.to(x.dtype)`);
+  * LayerNorm statistics are fp32 (two-pass mean / variance), the plain norm is
+    rounded to x's dtype before the modulation (norm1/norm2 return x's dtype),
+    the modulation is fp32 (1 + scale computed in fp32), then rounded;
+  * the affine norm (norm3) is fp32 throughout and rounded once.
+The residual sums are therefore bit-identical to torch; the norms can differ by
+one ulp on a few elements (another fp32 summation order).
+
+Layout: one program per token row (32 in the interpreter), the row held as one
+[next_pow2(D)] tile. Rows
+are addressed through batch and token strides (the FFN's chunked residual writes
+into a slice of its output); the last dim must have unit stride. Offsets are
+int64. shift / scale / gate are [B, 1, D] fp32 views (chunks of the modulation)
+read through their batch stride, so they are never copied.
+
+Interpreter (TRITON_INTERPRET=1, the CPU tests): casts to bf16 go through
+`sla_triton._cast` (round to nearest even; the interpreter's own cast truncates).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .sla_triton import INTERPRET, _cast
+
+NORM_NONE, NORM_PLAIN, NORM_AFFINE, NORM_MODULATE = 0, 1, 2, 3
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit(do_not_specialize=["M", "L", "D", "sxb", "sxl", "syb", "syl", "sob", "sol", "sgb", "ssb", "stb"])
+def _residual_norm_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
+                          sxb, sxl, syb, syl, sob, sol, sgb, ssb, stb, eps,
+                          ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ADD: tl.constexpr, GATE: tl.constexpr,
+                          WRITE_SUM: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # token rows b * L + l
+    b = (r // L)[:, None]
+    l = (r % L)[:, None]
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    mask = (r < M)[:, None] & (cols < D)
+    dt = O.dtype.element_ty
+    x = tl.load(X + b * sxb + l * sxl + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        y = tl.load(Y + b * syb + l * syl + cols, mask=mask, other=0.0).to(tl.float32)
+        if GATE:  # gate.to(dtype), then y * gate rounded to dtype
+            g = _cast(tl.load(G + b * sgb + cols, mask=mask, other=0.0), dt, INTERPRET).to(tl.float32)
+            y = _cast(y * g, dt, INTERPRET).to(tl.float32)
+        x = _cast(x + y, dt, INTERPRET).to(tl.float32)
+        if WRITE_SUM:
+            tl.store(O + b * sob + l * sol + cols, x.to(dt), mask=mask)  # exact: x is already rounded
+    if NORM != 0:
+        mean = tl.sum(x, 1)[:, None] / D
+        xc = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(xc * xc, 1)[:, None] / D
+        # correctly rounded sqrt and divide, as torch's CPU path (once per row: free)
+        z = xc * tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+        if NORM == 2:  # affine LayerNorm in fp32
+            w = tl.load(W + cols, mask=cols < D, other=0.0)
+            bias = tl.load(BI + cols, mask=cols < D, other=0.0)
+            z = z * w + bias
+        if NORM == 3:  # the norm returns dtype; AdaLN modulation in fp32
+            z = _cast(z, dt, INTERPRET).to(tl.float32)
+            sh = tl.load(SH + b * ssb + cols, mask=mask, other=0.0)
+            sc = tl.load(SC + b * stb + cols, mask=mask, other=0.0)
+            z = sh + z * (1.0 + sc)
+        tl.store(NRM + r[:, None] * D + cols, _cast(z, dt, INTERPRET), mask=mask)
+
+
+def supports(x: torch.Tensor) -> bool:
+    """True when the kernels can take x [B, L, D]: a CUDA tensor (or the interpreter) in bf16/fp16/fp32."""
+    return (x.is_cuda or INTERPRET) and x.dim() == 3 and x.dtype in _DTYPES and x.shape[-1] <= 16384
+
+
+def _launch_shape(block_d: int) -> tuple[int, int]:
+    """(rows per program, warps). H100, bf16, us for norm1+AdaLN / add+norm3 / add+norm2+AdaLN /
+    gated add at 1.3B-480p (D=1536) and 14B-720p (D=5120) [a copy of x: 72 / 515 us]:
+      1 row, 4 warps   102 201 151 113  |  981 1920 1341 1258
+      1 row, 8 warps   118 206 157 110  |  931 2441 1326 1314
+      2 rows, 4 warps  117 216 171 111  | 1730 1863 2555 1220
+    (2 warps, 16 warps, 4 rows: slower). The interpreter pays per program: many rows each."""
+    if INTERPRET:
+        return 32, 1
+    return 1, 4
+
+
+def _row_view(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _vec(t: torch.Tensor | None, b: int, d: int, name: str, device) -> torch.Tensor | None:
+    """A [B or 1, 1, D] (or [1, D], [D]) per-batch vector as fp32 read through its batch stride."""
+    if t is None:
+        return None
+    t = t.to(device=device, dtype=torch.float32)
+    if t.dim() < 3 and t.shape[:-2] == ():
+        t = t.reshape(1, 1, -1) if t.dim() == 1 or t.shape[0] == 1 else t
+    if t.dim() != 3 or t.shape[1] != 1 or t.shape[2] != d or t.shape[0] not in (1, b):
+        raise ValueError(f"{name} must be [B, 1, {d}] with B in (1, {b}), got {tuple(t.shape)}")
+    t = t.expand(b, 1, d)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch(x, y, gate, out, norm, weight, bias, shift, scale, eps):
+    if not supports(x):
+        raise ValueError(f"residual_norm: x must be [B, L, D] bf16/fp16/fp32 on CUDA, got "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    b, n, d = x.shape
+    x = _row_view(x)
+    if y is not None:
+        if y.shape != x.shape:
+            raise ValueError(f"residual_norm: y {tuple(y.shape)} must match x {tuple(x.shape)}")
+        y = _row_view(y)
+    gate = _vec(gate, b, d, "gate", x.device)
+    shift = _vec(shift, b, d, "shift", x.device)
+    scale = _vec(scale, b, d, "scale", x.device)
+    if norm == NORM_AFFINE:
+        weight = weight.to(device=x.device, dtype=torch.float32).contiguous()
+        bias = bias.to(device=x.device, dtype=torch.float32).contiguous()
+        if weight.shape != (d,) or bias.shape != (d,):
+            raise ValueError(f"residual_norm: weight and bias must be [{d}]")
+    nrm = torch.empty(b, n, d, dtype=x.dtype, device=x.device) if norm != NORM_NONE else None
+    if b * n == 0:
+        return out, nrm
+    dummy = x
+    block_d = triton.next_power_of_2(d)
+    rows, warps = _launch_shape(block_d)
+    _residual_norm_kernel[(triton.cdiv(b * n, rows),)](
+        x, dummy if y is None else y, dummy if gate is None else gate, dummy if out is None else out,
+        dummy if nrm is None else nrm, dummy if weight is None else weight, dummy if bias is None else bias,
+        dummy if shift is None else shift, dummy if scale is None else scale, b * n, n, d,
+        x.stride(0), x.stride(1), *(y.stride()[:2] if y is not None else (0, 0)),
+        *(out.stride()[:2] if out is not None else (0, 0)),
+        gate.stride(0) if gate is not None else 0, shift.stride(0) if shift is not None else 0,
+        scale.stride(0) if scale is not None else 0, float(eps),
+        ROWS=rows, BLOCK_D=block_d, ADD=y is not None, GATE=gate is not None, WRITE_SUM=out is not None,
+        NORM=norm, INTERPRET=INTERPRET, num_warps=warps,
+        # no FMA contraction: LLVM narrows `x + bf16(y * g)` to bf16 ops and fuses them into one
+        # fma.rn.bf16, dropping the product's rounding (18% of the sums differed from torch)
+        **({} if INTERPRET else {"enable_fp_fusion": False}))
+    return out, nrm
+
+
+def add_norm(x, y, gate, eps, *, weight=None, bias=None, shift=None, scale=None):
+    """(x + y * gate.to(x.dtype) [or x + y without gate], its LayerNorm) in x.dtype.
+
+    The norm is affine (`weight`, `bias` fp32 [D]: norm3), or modulated (`shift`,
+    `scale` [B, 1, D] fp32: shift + LN(.)(1 + scale), norm2), or plain."""
+    if weight is not None:
+        norm = NORM_AFFINE
+    elif shift is not None:
+        norm = NORM_MODULATE
+    else:
+        norm = NORM_PLAIN
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _launch(x, y, gate, out, norm, weight, bias, shift, scale, eps)
+
+
+def norm_modulate(x, shift, scale, eps):
+    """(shift + LN(x).to(x.dtype) * (1 + scale)).to(x.dtype): a block's norm1 / norm2 with AdaLN."""
+    return _launch(x, None, None, None, NORM_MODULATE, None, None, shift, scale, eps)[1]
+
+
+def gated_add(x, y, gate, out=None):
+    """x + y * gate.to(x.dtype), rounded as torch's bf16 ops; written into `out` (may be a slice) if given."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"gated_add: out must be {tuple(x.shape)} {x.dtype} with unit last stride")
+    return _launch(x, y, gate, out, NORM_NONE, None, None, None, None, 0.0)[0]
