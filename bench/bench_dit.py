@@ -73,6 +73,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per run")
     ap.add_argument("--torch-norm-rope", action="store_true",
                     help="q/k RMSNorm + RoPE with PyTorch ops instead of the fused Triton kernel")
+    ap.add_argument("--linear", default="w8a8", choices=["w8a8", "dequant"],
+                    help="int8 runs: the W8A8 kernel (default) or dequantised weights + cuBLAS (what auto does)")
     ap.add_argument("--torch-block-ops", action="store_true",
                     help="residual adds, LayerNorms and AdaLN with PyTorch ops instead of the fused Triton kernel")
     ap.add_argument("--ffn-chunk", default=None,
@@ -106,7 +108,7 @@ def main():
             if weights == "int8":
                 sd = quantize_state_dict(sd)
             model = dit_from_state_dict(sd, device=dev, dtype=torch.bfloat16, source=f"random {name}",
-                                        linear="w8a8" if weights == "int8" else "auto")
+                                        linear=args.linear if weights == "int8" else "auto")
             del sd
             gc.collect()
             torch.cuda.empty_cache()
@@ -120,7 +122,8 @@ def main():
                         model.set_ffn_chunk(chunk)
                     label = attention + (" +compile" if compiled else "") + ("" if chunk is None else f" ffn{chunk}") \
                         + (" torch-norm-rope" if args.torch_norm_rope else "") \
-                        + (" torch-block-ops" if args.torch_block_ops else "")
+                        + (" torch-block-ops" if args.torch_block_ops else "") \
+                        + (" dequant" if weights == "int8" and args.linear == "dequant" else "")
                     try:
                         sec, peak = time_forward(model, x, t, ctx, attention, args.reps)
                         if args.profile:
