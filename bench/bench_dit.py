@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import sys
 import time
@@ -73,13 +74,15 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per run")
     ap.add_argument("--torch-norm-rope", action="store_true",
                     help="q/k RMSNorm + RoPE with PyTorch ops instead of the fused Triton kernel")
-    ap.add_argument("--linear", default="w8a8", choices=["w8a8", "dequant"],
-                    help="int8 runs: the W8A8 kernel (default) or dequantised weights + cuBLAS (what auto does)")
+    ap.add_argument("--linear", default="w8a8", choices=["w8a8", "dequant", "auto"],
+                    help="int8 runs: the W8A8 kernel (default), dequantised weights + cuBLAS, or auto (timed)")
     ap.add_argument("--torch-block-ops", action="store_true",
                     help="residual adds, LayerNorms and AdaLN with PyTorch ops instead of the fused Triton kernel")
     ap.add_argument("--ffn-chunk", default=None,
                     help="comma list of FFN pass sizes in tokens to time (0 = one pass; default: the model's)")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("turbo_core").setLevel(logging.INFO)  # the attention / int8 choices
     runs = [tuple(r.split("+")) for r in args.runs.split(",")]
     dev = torch.device("cuda")
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, kernels {try_kernels()}")
@@ -123,7 +126,7 @@ def main():
                     label = attention + (" +compile" if compiled else "") + ("" if chunk is None else f" ffn{chunk}") \
                         + (" torch-norm-rope" if args.torch_norm_rope else "") \
                         + (" torch-block-ops" if args.torch_block_ops else "") \
-                        + (" dequant" if weights == "int8" and args.linear == "dequant" else "")
+                        + (f" {args.linear}" if weights == "int8" and args.linear != "w8a8" else "")
                     try:
                         sec, peak = time_forward(model, x, t, ctx, attention, args.reps)
                         if args.profile:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import dense_attention, self_attention
-from ..quant.int8 import Int8Linear, run_eager
+from ..attention import dense_attention, ensure_kernels, self_attention
+from ..quant.int8 import Int8Linear, choose_mode, run_eager
 
 HEAD_DIM = 128
 PATCH = (1, 2, 2)
@@ -352,6 +352,7 @@ class WanDiT(nn.Module):
         self.load_report = None  # filled by the loader
         self.between_blocks = None  # optional callable run between blocks (e.g. a host's interrupt check)
         self.parallel = None  # a turbo_core.parallel.SequenceParallel: this rank's share of the tokens
+        self.int8_auto = False  # set_linear_mode("auto"): int8 layers pick W8A8 or dequant per GPU
         self._rope_cache: dict = {}
 
     @property
@@ -418,6 +419,8 @@ class WanDiT(nn.Module):
         shard = None if self.parallel is None else self.parallel.shard(t * h * w)
         if shard is not None:  # sequence parallel: this rank's L/N tokens and their RoPE angles
             tokens, freqs = shard.local(tokens, 1), shard.local(freqs, 0)
+        if self.int8_auto:
+            self._choose_int8_mode(tokens.shape[0] * tokens.shape[1])
         x = self.patch_embedding(tokens)  # [B,L,D]
 
         e, e0 = self.time_embed(timestep.expand(b))
@@ -455,7 +458,22 @@ class WanDiT(nn.Module):
             block.ffn_chunk = tokens
 
     def set_linear_mode(self, mode: str) -> None:
-        """int8 layers: "w8a8" (exact official arithmetic / Triton GEMM) or "dequant"."""
+        """int8 layers: "w8a8" (exact official arithmetic / Triton GEMM), "dequant", or "auto"
+        (the faster of the two on this GPU, timed at the first forward of each size)."""
+        if mode not in ("auto", "w8a8", "dequant"):
+            raise ValueError(f"linear must be auto, w8a8 or dequant, not {mode!r}")
+        self.int8_auto = mode == "auto" and any(isinstance(m, Int8Linear) for m in self.modules())
+        self._set_int8_mode("dequant" if mode == "auto" else mode)
+
+    def _set_int8_mode(self, mode: str) -> None:
         for m in self.modules():
-            if isinstance(m, Int8Linear):
+            if isinstance(m, Int8Linear) and m.mode != mode:
                 m.mode = mode
+
+    def _choose_int8_mode(self, tokens: int) -> None:
+        """linear="auto": time both int8 ways once per GPU and size (quant.int8.choose_mode)."""
+        layers = [m for m in self.blocks[0].modules() if isinstance(m, Int8Linear)]
+        if not layers or self.device.type != "cuda":
+            return
+        ensure_kernels(self.device)
+        self._set_int8_mode(choose_mode(layers, tokens, self.compute_dtype, self.device))

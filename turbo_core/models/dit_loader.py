@@ -222,13 +222,11 @@ def dit_from_state_dict(sd: dict[str, torch.Tensor], *, device=None, dtype=None,
     if worst > len(list(model.blocks[0].state_dict())) // 2:
         raise CheckpointError(f"{source} lacks most tensors of some blocks; refusing to run it.\n{report.summary()}")
 
-    if linear not in ("auto", "w8a8", "dequant"):
-        raise ValueError(f"linear must be auto, w8a8 or dequant, not {linear!r}")
     if linear == "w8a8":
         ensure_kernels(device)  # the Triton W8A8 GEMM on CUDA, the exact reference elsewhere
-    # auto: dequantize + bf16 cuBLAS, which measured faster on the H100 than our
-    # Triton W8A8 GEMM (bench/RESULTS.md); "w8a8" gives the official arithmetic.
-    model.set_linear_mode("dequant" if linear == "auto" else linear)
+    # auto: on CUDA the first forward of each size times the W8A8 kernel against
+    # dequantised weights + cuBLAS and keeps the faster; dequant elsewhere.
+    model.set_linear_mode(linear)
     model.load_report = report
     model.eval().requires_grad_(False)
     (log.warning if not report.ok else log.info)("%s", report.summary())

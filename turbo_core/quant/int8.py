@@ -9,9 +9,13 @@ fast GEMM in through `Int8Linear.kernel`.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger("turbo_core")
 
 TILE = 128
 
@@ -79,8 +83,9 @@ class Int8Linear(nn.Module):
     """A Linear whose weight stays int8 in memory (half the bytes of bf16).
 
     mode "dequant": weight tiles -> compute dtype, then F.linear (fast anywhere).
-    mode "w8a8":    the exact official W8A8 arithmetic (reference, slow on CPU).
-    A Triton kernel, when installed by the kernels module, replaces both on CUDA.
+    mode "w8a8":    the exact official W8A8 arithmetic: the Triton kernel when the kernels
+                    module installed it and it supports x, else the reference (slow on CPU).
+    (The model's "auto" picks one of the two per GPU: `choose_mode`.)
     """
 
     kernel = None  # set by turbo_core.kernels when a fast W8A8 GEMM is available
@@ -107,3 +112,70 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+# ---------------------------------------------------------------------------
+# linear="auto": the faster of the W8A8 kernel and dequant + cuBLAS, measured per GPU
+
+AUTO_MAX_ROWS = 16384  # the FFN runs in passes of at most this many tokens (models.dit.FFN_CHUNK)
+_choices: dict = {}  # (GPU name, layer shapes, rows, dtype) -> (mode, why)
+
+
+def _time_ms(fn, reps: int = 3) -> float:
+    fn()  # warm-up: compiles / autotunes the kernel for this shape
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def choose_mode(layers: list[Int8Linear], tokens: int, dtype: torch.dtype, device: torch.device) -> str:
+    """"w8a8" or "dequant" for these int8 layers at `tokens` rows on `device`.
+
+    On CUDA with the W8A8 kernel installed, both ways are timed once on one layer of
+    each shape (weighted by how many layers have it) at min(tokens, 16384) rows, and
+    the faster is kept for this GPU, shapes and size. GPUs whose int8 tensor cores are
+    4x their bf16 rate with fp32 accumulation (GeForce RTX 30/40/50) should pick the
+    kernel; on an H100 the two measured within 2% (bench/RESULTS.md). A kernel that
+    fails here is never used: dequant, and the reason is logged. Elsewhere: "dequant".
+    """
+    kernel = Int8Linear.kernel
+    if device.type != "cuda" or not layers:
+        return "dequant"
+    rows = max(TILE, min(tokens, AUTO_MAX_ROWS))
+    count: dict[tuple[int, int], int] = {}
+    first: dict[tuple[int, int], Int8Linear] = {}
+    for layer in layers:
+        shape = (layer.in_features, layer.out_features)
+        count[shape] = count.get(shape, 0) + 1
+        first.setdefault(shape, layer)
+    key = (torch.cuda.get_device_name(device), tuple(sorted(count.items())), rows, dtype)
+    if key in _choices:
+        return _choices[key][0]
+    x = torch.randn(rows, max(k for k, _ in count), device=device, dtype=dtype)
+    if kernel is None or not kernel.supports(x):
+        mode, why = "dequant", "no W8A8 kernel for this GPU"
+    else:
+        def total(run):
+            return sum(n * _time_ms(lambda lay=first[s]: run(x[:, :s[0]], lay)) for s, n in count.items())
+
+        t_dequant = total(lambda a, lay: F.linear(a, dequantize_int8(lay.int8_weight, lay.scale, dtype),
+                                                  None if lay.bias is None else lay.bias.to(dtype)))
+        try:
+            t_w8a8 = total(lambda a, lay: run_eager(kernel, a, lay.int8_weight, lay.scale, lay.bias))
+        except Exception as exc:  # a kernel that cannot build or run here must not break generation
+            mode, why = "dequant", f"the W8A8 kernel failed on this GPU ({type(exc).__name__}: {exc})"
+        else:
+            # near a tie keep dequant + cuBLAS, the path with the most hours on it
+            mode = "w8a8" if t_w8a8 < 0.97 * t_dequant else "dequant"
+            why = f"W8A8 kernel {t_w8a8:.2f} ms vs dequant + cuBLAS {t_dequant:.2f} ms per block's linears"
+    del x
+    _choices[key] = (mode, why)
+    (log.warning if "failed" in why else log.info)(
+        "int8 linears on %s at %d tokens: %s (%s)", key[0], rows, "W8A8 kernel" if mode == "w8a8"
+        else "dequantised weights + cuBLAS", why)
+    return mode
