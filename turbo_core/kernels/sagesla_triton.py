@@ -26,7 +26,7 @@ QK_INT8 / V_FP8 switches):
   * V (v_fp8=False, sm80/sm86 or by request): bf16 V and bf16 P, as in SLA;
   * the linear branch and proj_l: exactly SLA's fused epilogue, from the bf16 q.
   * int32 QK tiles are converted to fp32 with an exact integer-add trick
-    (|q.k| <= 127*127*128 < 2^22) rather than the slow I2F unit; with one k
+    (|q.k| <= 127*127*128 < 2^22) rather than I2F (1% slower here); with one k
     scale per tile the row max is taken on the raw values, so each logit costs
     one subtract and one FMA.
 

@@ -16,19 +16,20 @@ accumulated in fp32; then cast to x's dtype, then + bias in that dtype
 (`w8a8_linear_reference`'s order, bit-exact: compiled with enable_fp_fusion=False
 so the scale-and-add stays a multiply and an add). BLOCK_M is 128 or 64 and the
 output columns go in chunks of 64 or 128, so s_x * s_w is one scalar per K tile
-and chunk. Each tile's int32 product is converted with an exact integer-add
-trick (|tile sum| <= 2^21) instead of the slow I2F unit. Tiles come in by TMA
+and chunk. Each tile's int32 product is converted by I2F (exact: |tile sum| <=
+2^21); on the H100 that measured 0-5% faster than the integer-add (1.5*2^23)
+trick, which costs two instructions. Tiles come in by TMA
 (host tensor descriptors, sm90) when K is a multiple of 16, else by masked
 pointer loads; K need not be a multiple of 128 (zero-filled / masked).
 
 Why the tiles are small: triton waits for an int32-accumulating wgmma right after
 issuing it (its async-dot pass only pipelines fp32 accumulators), so one program
 cannot overlap its rescale with its next MMA; two or three 4-warp programs per SM
-can. The exact formula costs 3 FP32 instructions per output element and K tile
-(magic subtract, scale, add: no FMA), i.e. 3/128 SM cycles against 128 MACs at
+can. The exact formula costs 3 instructions per output element and K tile
+(convert, scale, add: no FMA), i.e. 3/128 SM issue cycles against 128 MACs at
 4096 int8 MAC/cycle (1/32 cycle): the rescale alone issues 75% of the MMA time,
-so with loop overhead the kernel is issue-bound near bf16 cuBLAS speed on an H100
-(measured 690-750 TOPS).
+so with loop overhead the kernel stays near bf16 cuBLAS speed on an H100
+(measured 700-830 TOPS; bench/RESULTS.md has the variants tried).
 
 Interpreter: int8 dots are exact there; rint is done with the 1.5*2^23 trick
 (libdevice is not available) and bf16 outputs are rounded with an explicit RNE
@@ -40,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sla_triton import INTERPRET, _cast, _i32_to_f32, pick_config
+from .sla_triton import INTERPRET, _cast, pick_config
 
 try:  # triton >= 3.3: host-side TMA descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -160,11 +161,11 @@ def _w8a8_gemm_kernel(A, AS, W, WS, BIAS, Y,
         sa = tl.load(sa_ptr + kt)
         w0 = _gemm_tile(W, off_n0, k0, N, K, CHUNK_N, USE_TMA, EVEN_K)
         s0 = sa * tl.load(sw0_ptr + kt)
-        acc0 += _i32_to_f32(tl.dot(a, tl.trans(w0))) * s0  # |part| <= 2^21: exact conversion
+        acc0 += tl.dot(a, tl.trans(w0)).to(tl.float32) * s0  # |part| <= 2^21: exact conversion
         if BLOCK_N > CHUNK_N:
             w1 = _gemm_tile(W, off_n1, k0, N, K, CHUNK_N, USE_TMA, EVEN_K)
             s1 = sa * tl.load(sw1_ptr + kt)
-            acc1 += _i32_to_f32(tl.dot(a, tl.trans(w1))) * s1
+            acc1 += tl.dot(a, tl.trans(w1)).to(tl.float32) * s1
 
     _gemm_store(Y, BIAS, acc0, off_m, off_n0, M, N, BLOCK_M, CHUNK_N, HAS_BIAS, INTERPRET)
     if BLOCK_N > CHUNK_N:
@@ -178,11 +179,15 @@ def _w8a8_gemm_kernel(A, AS, W, WS, BIAS, Y,
 #   64x128 in 64-col chunks, 4 warps (146 regs, 72 KB: 3)  0.226 1.34 1.26 6.55
 #   128x128, 8 warps (204 regs: 1)                         0.266 1.50 1.33 6.54
 #   (128x128 in 64-col chunks on 4 or 8 warps: slower)
-# The first config is the default without autotuning.
+# With I2F instead of the integer-add conversion (session 3, same GPU): 0.207-0.254,
+# 1.27-1.45, 1.22-1.26, 6.22-6.81 for these three, and 128x256 in 128-col chunks on
+# 8 warps (144 KB shared: too big for sm8x, skipped there by the autotuner) 0.226 1.27
+# 1.19 5.85. The first config is the default without autotuning.
 GEMM_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=128, CHUNK_N=128, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=128, CHUNK_N=64, GROUP_M=8, num_warps=4, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=128, CHUNK_N=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=256, CHUNK_N=128, GROUP_M=8, num_warps=8, num_stages=3),
 ]
 INTERP_GEMM_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, CHUNK_N=64, GROUP_M=4, num_warps=4, num_stages=1)
 _tuned: dict = {}
