@@ -93,3 +93,50 @@ def test_int8_linear_module_uses_the_kernel(monkeypatch):
     monkeypatch.setattr(w8a8_triton.W8A8Kernel, "__call__", lambda self, *a: calls.append(1) or real(*a))
     y = layer(x)
     assert calls and torch.equal(y, w8a8_linear_reference(x, qw, sw, layer.bias))
+
+
+def test_shared_input_quantizes_once_for_several_layers(monkeypatch):
+    from turbo_core.quant.int8 import QuantizedInput, shared_input
+
+    monkeypatch.setattr(Int8Linear, "kernel", w8a8_triton.W8A8Kernel())
+    layers = []
+    for n in (200, 256, 130):  # q/k/v-like layers reading one input
+        layer = Int8Linear(256, n)
+        qw, sw = quantize_int8(torch.randn(n, 256) / 16)
+        layer.int8_weight.copy_(qw)
+        layer.scale.copy_(sw)
+        layer.bias.data.copy_(torch.randn(n) * 0.1)
+        layer.mode = "w8a8"
+        layers.append(layer)
+    x = torch.randn(2, 150, 256).to(torch.bfloat16)  # 300 rows: a partial 128-row tile
+    quant_launches = []
+    real = w8a8_triton.quantize_act
+    monkeypatch.setattr(w8a8_triton, "quantize_act", lambda x2: quant_launches.append(1) or real(x2))
+    shared = shared_input(x, layers)
+    assert isinstance(shared, QuantizedInput) and shared.shape == x.shape and len(quant_launches) == 1
+    for layer in layers:  # bit-identical to each layer quantising x itself
+        assert torch.equal(layer(shared), w8a8_linear_reference(x, layer.int8_weight, layer.scale, layer.bias))
+    assert len(quant_launches) == 1
+    # anything else gets x back: a layer in dequant mode, a plain Linear, fp32 input, no kernel
+    layers[1].mode = "dequant"
+    assert shared_input(x, layers) is x
+    layers[1].mode = "w8a8"
+    assert shared_input(x, layers + [torch.nn.Linear(256, 8)]) is x
+    xf = x.float()
+    assert shared_input(xf, layers) is xf  # the kernel takes bf16/fp16 only
+    monkeypatch.setattr(Int8Linear, "kernel", None)
+    assert shared_input(x, layers) is x
+
+
+def test_dit_with_the_kernel_and_shared_inputs_is_bit_exact(monkeypatch):
+    from turbo_core.models.dit_loader import dit_from_state_dict
+    from turbo_core.tiny import quantize_state_dict, tiny_dit_state_dict
+
+    sd = quantize_state_dict(tiny_dit_state_dict(seed=9))
+    model = dit_from_state_dict(sd, device="cpu", dtype="bf16", linear="w8a8")
+    g = torch.Generator().manual_seed(3)
+    x, ctx, t = torch.randn(2, 16, 2, 6, 8, generator=g), torch.randn(2, 24, 64, generator=g), torch.tensor([400.0, 900.0])
+    monkeypatch.setattr(Int8Linear, "kernel", None)
+    reference = model(x, t, ctx)  # every layer through w8a8_linear_reference
+    monkeypatch.setattr(Int8Linear, "kernel", w8a8_triton.W8A8Kernel())
+    assert torch.equal(model(x, t, ctx), reference)  # the kernel, q/k/v and cross k/v sharing one quantisation

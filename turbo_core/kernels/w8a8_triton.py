@@ -1,7 +1,9 @@
 """W8A8 int8 linear in Triton: activation quantisation + int8 GEMM (spec 2.3, 2.4).
 
 `W8A8Kernel()` is the object `turbo_core.kernels.install()` assigns to
-`Int8Linear.kernel`: `supports(x)` and `__call__(x, int8_weight, scale, bias)`.
+`Int8Linear.kernel`: `supports(x)` and `__call__(x, int8_weight, scale, bias)`, or
+its two halves `quantize(x2)` and `gemm(quantized_input, int8_weight, scale, bias)`
+(one quantisation shared by the layers that read the same input).
 
 quantize_act (`_act_quant_kernel`): one program per 128 rows x 128 channels
 tile; amax = max(max|x|, 1e-8) in fp32, q = rint(x * (128/amax)) (IEEE
@@ -255,6 +257,15 @@ class W8A8Kernel:
         xq, xs = quantize_act(x2)
         y = w8a8_gemm(xq, xs, int8_weight, scale, bias, x.dtype)
         return y.reshape(*shape[:-1], int8_weight.shape[0])
+
+    def quantize(self, x2):
+        """[M, K] -> (int8 codes, tile scales): the activation half, for `quant.int8.shared_input`."""
+        return quantize_act(x2)
+
+    def gemm(self, qx, int8_weight, scale, bias=None):
+        """The GEMM half on a `quant.int8.QuantizedInput`."""
+        y = w8a8_gemm(qx.codes, qx.scales, int8_weight, scale, bias, qx.dtype)
+        return y.reshape(*qx.shape[:-1], int8_weight.shape[0])
 
     def __repr__(self) -> str:
         return "W8A8Kernel()"

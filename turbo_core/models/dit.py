@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import dense_attention, ensure_kernels, self_attention
-from ..quant.int8 import Int8Linear, choose_mode, run_eager
+from ..quant.int8 import Int8Linear, choose_mode, run_eager, shared_input
 
 HEAD_DIM = 128
 PATCH = (1, 2, 2)
@@ -182,6 +182,7 @@ class SelfAttention(nn.Module):
         """[q, k, v] as [B,L,H,128] (q, k normed and rotated). Called as a plain method with a
         temporary x, so x is freed here once v is made (an nn.Module call would hold it)."""
         b, n, _ = x.shape
+        x = shared_input(x, (self.q, self.k, self.v))  # int8 W8A8: one activation quantisation
         q = self._norm_rope(self.q(x), self.norm_q, freqs)
         k = self._norm_rope(self.k(x), self.norm_k, freqs)
         v = self.v(x).view(b, n, self.heads, HEAD_DIM)
@@ -216,6 +217,7 @@ class CrossAttention(nn.Module):
     def forward(self, x, ctx):
         b = x.shape[0]
         q = self.norm_q(self.q(x)).view(b, -1, self.heads, HEAD_DIM)
+        ctx = shared_input(ctx, (self.k, self.v))
         k = self.norm_k(self.k(ctx)).view(b, -1, self.heads, HEAD_DIM)
         v = self.v(ctx).view(b, -1, self.heads, HEAD_DIM)
         return self.o(dense_attention(q, k, v).flatten(2))

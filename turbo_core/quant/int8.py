@@ -10,6 +10,7 @@ fast GEMM in through `Int8Linear.kernel`.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,26 @@ def run_eager(kernel, *args):
     return kernel(*args)
 
 
+class QuantizedInput(NamedTuple):
+    """An activation quantised once for several W8A8 layers that read the same input."""
+    codes: torch.Tensor  # int8 [M, K]
+    scales: torch.Tensor  # fp32 [ceil(M/128), ceil(K/128)]
+    shape: torch.Size  # the input's shape, [..., K]
+    dtype: torch.dtype  # the input's dtype: the layers' output dtype
+
+
+def shared_input(x: torch.Tensor, layers) -> torch.Tensor | QuantizedInput:
+    """x quantised once when every layer is an Int8Linear that will run the W8A8 kernel on it
+    (q/k/v of the self-attention read the same x: one activation pass instead of three), else x.
+    Bit-identical either way: each layer would quantise x to the same codes."""
+    kernel = Int8Linear.kernel
+    if kernel is None or not all(isinstance(m, Int8Linear) and m.mode == "w8a8" for m in layers) \
+            or not kernel.supports(x):
+        return x
+    codes, scales = run_eager(kernel.quantize, x.reshape(-1, x.shape[-1]))
+    return QuantizedInput(codes, scales, x.shape, x.dtype)
+
+
 class Int8Linear(nn.Module):
     """A Linear whose weight stays int8 in memory (half the bytes of bf16).
 
@@ -101,7 +122,9 @@ class Int8Linear(nn.Module):
             if bias else None
         self.mode = "dequant"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
+        if isinstance(x, QuantizedInput):  # from shared_input: the kernel is installed and takes it
+            return run_eager(type(self).kernel.gemm, x, self.int8_weight, self.scale, self.bias)
         if self.mode == "w8a8":
             kernel = type(self).kernel
             if kernel is not None and kernel.supports(x):
