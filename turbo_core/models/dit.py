@@ -478,4 +478,7 @@ class WanDiT(nn.Module):
         if not layers or self.device.type != "cuda":
             return
         ensure_kernels(self.device)
-        self._set_int8_mode(choose_mode(layers, tokens, self.compute_dtype, self.device))
+        mode = choose_mode(layers, tokens, self.compute_dtype, self.device)
+        if self.parallel is not None:  # one numerics on every rank: W8A8 only where all ranks chose it
+            mode = "dequant" if self.parallel.agree(mode != "w8a8") else "w8a8"
+        self._set_int8_mode(mode)
