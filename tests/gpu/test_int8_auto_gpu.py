@@ -63,3 +63,28 @@ def test_a_failing_kernel_is_never_used(caplog, monkeypatch):
     assert {m.mode for m in model.modules() if isinstance(m, Int8Linear)} == {"dequant"}
     warned = [r for r in caplog.records if r.levelno == logging.WARNING and "W8A8 kernel failed" in r.getMessage()]
     assert warned and "no int8 MMA on this GPU" in warned[0].getMessage()
+
+
+def test_no_memory_to_time_means_dequant(caplog, monkeypatch):
+    from turbo_core import kernels
+    from turbo_core.quant.int8 import choose_mode, quantize_int8
+
+    assert kernels.install()
+    monkeypatch.setattr(int8_module, "_choices", {})
+    layer = Int8Linear(8960, 1536, device="cuda")
+    qw, sw = quantize_int8(torch.randn(1536, 8960, device="cuda") / 100)
+    layer.int8_weight.copy_(qw)
+    layer.scale.copy_(sw)
+    layer.bias.data.zero_()
+    layer.mode = "w8a8"
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    # room for ~64 MiB more: the timing input alone (16384 x 8960 bf16) is 280 MiB
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + (64 << 20)) / total)
+    try:
+        with caplog.at_level(logging.INFO, logger="turbo_core"):
+            mode = choose_mode([layer], 16384, torch.bfloat16, torch.device("cuda"))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert mode == "dequant"
+    assert any(r.levelno == logging.WARNING and "not enough free GPU memory" in r.getMessage() for r in caplog.records)

@@ -156,6 +156,27 @@ def _time_ms(fn, reps: int = 3) -> float:
     return start.elapsed_time(end) / reps
 
 
+def _time_both(kernel, first: dict, count: dict, rows: int, dtype, device) -> tuple[str, str]:
+    def total(run):
+        t = 0.0
+        for (k, n), layer in first.items():
+            a = torch.randn(rows, k, device=device, dtype=dtype)
+            t += count[(k, n)] * _time_ms(lambda: run(a, layer))
+        return t
+
+    t_dequant = total(lambda a, lay: F.linear(a, dequantize_int8(lay.int8_weight, lay.scale, dtype),
+                                              None if lay.bias is None else lay.bias.to(dtype)))
+    try:
+        t_w8a8 = total(lambda a, lay: run_eager(kernel, a, lay.int8_weight, lay.scale, lay.bias))
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:  # a kernel that cannot build or run here must not break generation
+        return "dequant", f"the W8A8 kernel failed on this GPU ({type(exc).__name__}: {exc})"
+    # near a tie keep dequant + cuBLAS, the path with the most hours on it
+    mode = "w8a8" if t_w8a8 < 0.97 * t_dequant else "dequant"
+    return mode, f"W8A8 kernel {t_w8a8:.2f} ms vs dequant + cuBLAS {t_dequant:.2f} ms per block's linears"
+
+
 def choose_mode(layers: list[Int8Linear], tokens: int, dtype: torch.dtype, device: torch.device) -> str:
     """"w8a8" or "dequant" for these int8 layers at `tokens` rows on `device`.
 
@@ -163,8 +184,9 @@ def choose_mode(layers: list[Int8Linear], tokens: int, dtype: torch.dtype, devic
     each shape (weighted by how many layers have it) at min(tokens, 16384) rows, and
     the faster is kept for this GPU, shapes and size. GPUs whose int8 tensor cores are
     4x their bf16 rate with fp32 accumulation (GeForce RTX 30/40/50) should pick the
-    kernel; on an H100 the two measured within 2% (bench/RESULTS.md). A kernel that
-    fails here is never used: dequant, and the reason is logged. Elsewhere: "dequant".
+    kernel; on an H100 1.3B keeps cuBLAS and 14B the kernel (bench/RESULTS.md). A kernel
+    that fails here is never used, nor is one there is no memory to time: dequant, and
+    the reason is logged. Elsewhere: "dequant".
     """
     kernel = Int8Linear.kernel
     if device.type != "cuda" or not layers:
@@ -179,26 +201,17 @@ def choose_mode(layers: list[Int8Linear], tokens: int, dtype: torch.dtype, devic
     key = (torch.cuda.get_device_name(device), tuple(sorted(count.items())), rows, dtype)
     if key in _choices:
         return _choices[key][0]
-    x = torch.randn(rows, max(k for k, _ in count), device=device, dtype=dtype)
-    if kernel is None or not kernel.supports(x):
+    probe = torch.empty(1, 128, device=device, dtype=dtype)
+    if kernel is None or not kernel.supports(probe):
         mode, why = "dequant", "no W8A8 kernel for this GPU"
     else:
-        def total(run):
-            return sum(n * _time_ms(lambda lay=first[s]: run(x[:, :s[0]], lay)) for s, n in count.items())
-
-        t_dequant = total(lambda a, lay: F.linear(a, dequantize_int8(lay.int8_weight, lay.scale, dtype),
-                                                  None if lay.bias is None else lay.bias.to(dtype)))
         try:
-            t_w8a8 = total(lambda a, lay: run_eager(kernel, a, lay.int8_weight, lay.scale, lay.bias))
-        except Exception as exc:  # a kernel that cannot build or run here must not break generation
-            mode, why = "dequant", f"the W8A8 kernel failed on this GPU ({type(exc).__name__}: {exc})"
-        else:
-            # near a tie keep dequant + cuBLAS, the path with the most hours on it
-            mode = "w8a8" if t_w8a8 < 0.97 * t_dequant else "dequant"
-            why = f"W8A8 kernel {t_w8a8:.2f} ms vs dequant + cuBLAS {t_dequant:.2f} ms per block's linears"
-    del x
+            mode, why = _time_both(kernel, first, count, rows, dtype, device)
+        except torch.cuda.OutOfMemoryError:  # timing must never be what runs a generation out of memory
+            torch.cuda.empty_cache()
+            mode, why = "dequant", "not enough free GPU memory to time the W8A8 kernel"
     _choices[key] = (mode, why)
-    (log.warning if "failed" in why else log.info)(
+    (log.warning if why.startswith(("the W8A8 kernel failed", "not enough")) else log.info)(
         "int8 linears on %s at %d tokens: %s (%s)", key[0], rows, "W8A8 kernel" if mode == "w8a8"
         else "dequantised weights + cuBLAS", why)
     return mode
