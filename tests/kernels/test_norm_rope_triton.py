@@ -149,3 +149,31 @@ def test_supports_and_empty():
     out = norm_rope_triton.norm_rope(torch.randn(2, 0, 256), torch.ones(256),
                                      torch.ones(0, 64, dtype=torch.complex64), EPS, 2)
     assert out.shape == (2, 0, 2, 128)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_alone_matches_the_module(dtype):
+    g = torch.Generator().manual_seed(SEED + 11)
+    for b, n, heads in [(1, 30, 1), (2, 77, 3), (1, 5, 40)]:
+        c = heads * 128
+        y = (torch.randn(b, n, c, generator=g) * 3).to(dtype)
+        y[0, 0] = 0.0
+        weight = torch.randn(c, generator=g) * 0.5 + 1
+        norm = RMSNorm(c, EPS)
+        norm.weight.data.copy_(weight)
+        ref = norm(y)
+        out = norm_rope_triton.rms_norm(y, weight, EPS)
+        assert out.shape == ref.shape and out.dtype == dtype and not out[0, 0].any()
+        d = (out.double() - ref.double()).abs()
+        if dtype == torch.float32:
+            assert float(d.max()) <= 1e-5 * float(ref.abs().max()), f"seed {SEED}"
+        else:  # the same flips of the rounding as norm_rope's first rounding point, 1 ulp each
+            assert float((d > 0).double().mean()) <= MAX_FLIP_FRACTION, f"seed {SEED}"
+            assert bool((d <= _ulp(ref, dtype)).all()), f"seed {SEED}"
+        # a strided input (token stride 2C, as a slice of a wider output) gives the same result
+        strided = torch.cat([y, y], dim=-1)[..., :c]
+        assert torch.equal(norm_rope_triton.rms_norm(strided, weight, EPS), out)
+    with pytest.raises(ValueError, match="C a multiple of 128"):
+        norm_rope_triton.rms_norm(torch.randn(1, 4, 200), torch.ones(200), EPS)
+    with pytest.raises(ValueError, match="weight must be"):
+        norm_rope_triton.rms_norm(torch.randn(1, 4, 256), torch.ones(128), EPS)

@@ -1,4 +1,5 @@
-"""Fused RMSNorm + interleaved RoPE for the DiT self-attention's q and k, in Triton.
+"""Fused RMSNorm + interleaved RoPE for the DiT self-attention's q and k, in Triton
+(and the same RMSNorm without the rotation, `rms_norm`, for the cross-attention's q).
 
 `norm_rope(y, weight, freqs, eps, heads)` computes, for y = the q (or k)
 linear output [B, L, C] with C = heads * 128, what `turbo_core.models.dit` does
@@ -52,7 +53,7 @@ MAX_HEADS = 64  # the row tile is [next_pow2(heads), 128] in registers
 
 @triton.jit(do_not_specialize=["L", "syb", "syl"])
 def _norm_rope_kernel(Y, W, F, O, L, syb, syl, eps,
-                      H: tl.constexpr, HB: tl.constexpr, INTERPRET: tl.constexpr):
+                      H: tl.constexpr, HB: tl.constexpr, INTERPRET: tl.constexpr, ROPE: tl.constexpr = True):
     r = tl.program_id(0).to(tl.int64)  # token row b * L + l; int64: r * C can pass 2^31
     b = r // L
     l = r - b * L
@@ -67,12 +68,14 @@ def _norm_rope_kernel(Y, W, F, O, L, syb, syl, eps,
     # correctly rounded sqrt and divide (torch's CPU rsqrt is 1/sqrt); one per row, so free
     rstd = tl.math.div_rn(1.0, tl.sqrt_rn(ss / (H * 128) + eps))
     # rounding point 1: RMSNorm returns y's dtype and apply_rope starts from that
-    z = _cast((y * rstd) * w, O.dtype.element_ty, INTERPRET).to(tl.float32)
-    re, im = tl.split(tl.reshape(z, [HB, 64, 2]))  # channels 2i, 2i+1 of each head
-    fc = tl.load(F + l * 128 + ii * 2)[None, :]  # freqs as fp32 [L, 64, 2]: cos, sin
-    fs = tl.load(F + l * 128 + ii * 2 + 1)[None, :]
-    out = tl.reshape(tl.join(re * fc - im * fs, re * fs + im * fc), [HB, 128])
-    tl.store(O + r * (H * 128) + cols, _cast(out, O.dtype.element_ty, INTERPRET), mask=mask)
+    z = _cast((y * rstd) * w, O.dtype.element_ty, INTERPRET)
+    if ROPE:
+        re, im = tl.split(tl.reshape(z.to(tl.float32), [HB, 64, 2]))  # channels 2i, 2i+1 of each head
+        fc = tl.load(F + l * 128 + ii * 2)[None, :]  # freqs as fp32 [L, 64, 2]: cos, sin
+        fs = tl.load(F + l * 128 + ii * 2 + 1)[None, :]
+        out = tl.reshape(tl.join(re * fc - im * fs, re * fs + im * fc), [HB, 128])
+        z = _cast(out, O.dtype.element_ty, INTERPRET)
+    tl.store(O + r * (H * 128) + cols, z, mask=mask)
 
 
 def supports(y: torch.Tensor, heads: int | None = None) -> bool:
@@ -135,5 +138,29 @@ def norm_rope(y: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: f
     _norm_rope_kernel[(m,)](
         y, weight, freqs, out, n, y.stride(0), y.stride(1), float(eps),
         H=heads, HB=triton.next_power_of_2(heads), INTERPRET=INTERPRET,
+        num_warps=_num_warps(heads))
+    return out
+
+
+def rms_norm(y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim C (a multiple of 128, up to MAX_HEADS * 128) alone, as the
+    DiT's `RMSNorm` module computes it (the cross-attention's q): y [B, L, C] -> [B, L, C]
+    contiguous in y.dtype. Same kernel and rounding as `norm_rope`, without the rotation."""
+    if y.dim() != 3 or not supports(y):
+        raise ValueError(f"rms_norm: y must be [B, L, C] bf16/fp16/fp32 with C a multiple of 128 "
+                         f"(at most {MAX_HEADS * HEAD_DIM}), got {tuple(y.shape)} {y.dtype}")
+    b, n, c = y.shape
+    heads = c // HEAD_DIM
+    if weight.shape != (c,):
+        raise ValueError(f"rms_norm: weight must be [{c}], got {tuple(weight.shape)}")
+    weight = weight.to(device=y.device, dtype=torch.float32).contiguous()
+    if y.stride(-1) != 1:
+        y = y.contiguous()
+    out = torch.empty(b, n, c, dtype=y.dtype, device=y.device)
+    if b * n == 0:
+        return out
+    _norm_rope_kernel[(b * n,)](
+        y, weight, weight, out, n, y.stride(0), y.stride(1), float(eps),
+        H=heads, HB=triton.next_power_of_2(heads), INTERPRET=INTERPRET, ROPE=False,
         num_warps=_num_warps(heads))
     return out

@@ -216,7 +216,13 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, ctx):
         b = x.shape[0]
-        q = self.norm_q(self.q(x)).view(b, -1, self.heads, HEAD_DIM)
+        q = self.q(x)
+        fused = SelfAttention.fused_norm_rope  # its kernel also does the plain RMSNorm, in one pass
+        if fused is not None and fused.supports(q) and not _compiling():  # compiled: inductor fuses it
+            q = fused.rms_norm(q, self.norm_q.weight, self.norm_q.eps)
+        else:
+            q = self.norm_q(q)
+        q = q.view(b, -1, self.heads, HEAD_DIM)
         ctx = shared_input(ctx, (self.k, self.v))
         k = self.norm_k(self.k(ctx)).view(b, -1, self.heads, HEAD_DIM)
         v = self.v(ctx).view(b, -1, self.heads, HEAD_DIM)
