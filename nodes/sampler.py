@@ -64,7 +64,8 @@ class TurboSampler:
                 "compile": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "torch.compile the transformer blocks: the first run at a new size compiles "
-                               "(a minute or more), later runs take ~20% less time per step. Single GPU only"}),
+                               "(a minute or more); steps then take about as long as without it (within 2% on an H100: the eager "
+                               "blocks already run fused kernels). Single GPU only"}),
             },
         }
 
