@@ -128,16 +128,21 @@ def norm_rope(y: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: f
         raise ValueError(f"norm_rope: freqs must be [L={n}, {HEAD_DIM // 2}] complex, "
                          f"got {tuple(freqs.shape)}")
     freqs = freqs.to(device=y.device, dtype=torch.float32).contiguous()
+    return _launch(y, weight, freqs, eps, heads, (b, n, heads, HEAD_DIM))
+
+
+def _launch(y, weight, freqs, eps, heads, out_shape):
+    """One program per token row; freqs None = RMSNorm alone."""
     weight = weight.to(device=y.device, dtype=torch.float32).contiguous()
     if y.stride(-1) != 1:
         y = y.contiguous()
-    out = torch.empty(b, n, heads, HEAD_DIM, dtype=y.dtype, device=y.device)
-    m = b * n
+    out = torch.empty(out_shape, dtype=y.dtype, device=y.device)
+    m = y.shape[0] * y.shape[1]
     if m == 0:
         return out
     _norm_rope_kernel[(m,)](
-        y, weight, freqs, out, n, y.stride(0), y.stride(1), float(eps),
-        H=heads, HB=triton.next_power_of_2(heads), INTERPRET=INTERPRET,
+        y, weight, weight if freqs is None else freqs, out, y.shape[1], y.stride(0), y.stride(1), float(eps),
+        H=heads, HB=triton.next_power_of_2(heads), INTERPRET=INTERPRET, ROPE=freqs is not None,
         num_warps=_num_warps(heads))
     return out
 
@@ -149,18 +154,7 @@ def rms_norm(y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if y.dim() != 3 or not supports(y):
         raise ValueError(f"rms_norm: y must be [B, L, C] bf16/fp16/fp32 with C a multiple of 128 "
                          f"(at most {MAX_HEADS * HEAD_DIM}), got {tuple(y.shape)} {y.dtype}")
-    b, n, c = y.shape
-    heads = c // HEAD_DIM
+    c = y.shape[-1]
     if weight.shape != (c,):
         raise ValueError(f"rms_norm: weight must be [{c}], got {tuple(weight.shape)}")
-    weight = weight.to(device=y.device, dtype=torch.float32).contiguous()
-    if y.stride(-1) != 1:
-        y = y.contiguous()
-    out = torch.empty(b, n, c, dtype=y.dtype, device=y.device)
-    if b * n == 0:
-        return out
-    _norm_rope_kernel[(b * n,)](
-        y, weight, weight, out, n, y.stride(0), y.stride(1), float(eps),
-        H=heads, HB=triton.next_power_of_2(heads), INTERPRET=INTERPRET, ROPE=False,
-        num_warps=_num_warps(heads))
-    return out
+    return _launch(y, weight, None, eps, c // HEAD_DIM, y.shape)

@@ -89,7 +89,7 @@ def supports(x: torch.Tensor) -> bool:
     return (x.is_cuda or INTERPRET) and x.dim() == 3 and x.dtype in _DTYPES and x.shape[-1] <= 16384
 
 
-def _launch_shape(block_d: int) -> tuple[int, int]:
+def _launch_shape() -> tuple[int, int]:
     """(rows per program, warps). H100, bf16, us for norm1+AdaLN / add+norm3 / add+norm2+AdaLN /
     gated add at 1.3B-480p (D=1536) and 14B-720p (D=5120) [a copy of x: 72 / 515 us]:
       1 row, 4 warps   102 201 151 113  |  981 1920 1341 1258
@@ -141,7 +141,7 @@ def _launch(x, y, gate, out, norm, weight, bias, shift, scale, eps):
         return out, nrm
     dummy = x
     block_d = triton.next_power_of_2(d)
-    rows, warps = _launch_shape(block_d)
+    rows, warps = _launch_shape()
     _residual_norm_kernel[(triton.cdiv(b * n, rows),)](
         x, dummy if y is None else y, dummy if gate is None else gate, dummy if out is None else out,
         dummy if nrm is None else nrm, dummy if weight is None else weight, dummy if bias is None else bias,

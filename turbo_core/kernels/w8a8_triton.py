@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant.int8 import QuantizedInput
 from .sla_triton import INTERPRET, _cast, pick_config
 
 try:  # triton >= 3.3: host-side TMA descriptors
@@ -252,11 +253,8 @@ class W8A8Kernel:
         return (x.is_cuda or INTERPRET) and x.dtype in (torch.bfloat16, torch.float16) and x.dim() >= 1
 
     def __call__(self, x, int8_weight, scale, bias=None):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xq, xs = quantize_act(x2)
-        y = w8a8_gemm(xq, xs, int8_weight, scale, bias, x.dtype)
-        return y.reshape(*shape[:-1], int8_weight.shape[0])
+        qx = QuantizedInput(*quantize_act(x.reshape(-1, x.shape[-1])), x.shape, x.dtype)
+        return self.gemm(qx, int8_weight, scale, bias)
 
     def quantize(self, x2):
         """[M, K] -> (int8 codes, tile scales): the activation half, for `quant.int8.shared_input`."""

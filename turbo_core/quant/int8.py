@@ -128,8 +128,16 @@ class Int8Linear(nn.Module):
         if self.mode == "w8a8":
             kernel = type(self).kernel
             if kernel is not None and kernel.supports(x):
-                return run_eager(kernel, x, self.int8_weight, self.scale, self.bias)
+                return self.forward_kernel(x)
             return w8a8_linear_reference(x, self.int8_weight, self.scale, self.bias)
+        return self.forward_dequant(x)
+
+    def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The installed W8A8 kernel on x (the caller checked `kernel.supports(x)`)."""
+        return run_eager(type(self).kernel, x, self.int8_weight, self.scale, self.bias)
+
+    def forward_dequant(self, x: torch.Tensor) -> torch.Tensor:
+        """Weight tiles dequantised to x's dtype, then F.linear."""
         w = dequantize_int8(self.int8_weight, self.scale, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
@@ -141,7 +149,7 @@ class Int8Linear(nn.Module):
 # linear="auto": the faster of the W8A8 kernel and dequant + cuBLAS, measured per GPU
 
 AUTO_MAX_ROWS = 16384  # the FFN runs in passes of at most this many tokens (models.dit.FFN_CHUNK)
-_choices: dict = {}  # (GPU name, layer shapes, rows, dtype) -> (mode, why)
+_choices: dict = {}  # (GPU name, layer shapes and counts, rows, dtype) -> mode
 
 
 def _time_ms(fn, reps: int = 3) -> float:
@@ -156,25 +164,25 @@ def _time_ms(fn, reps: int = 3) -> float:
     return start.elapsed_time(end) / reps
 
 
-def _time_both(kernel, first: dict, count: dict, rows: int, dtype, device) -> tuple[str, str]:
+def _time_both(groups: dict, rows: int, dtype, device) -> tuple[str, str, bool]:
+    """(mode, why, warn): both ways timed on the first layer of each shape group."""
     def total(run):
         t = 0.0
-        for (k, n), layer in first.items():
+        for (k, _), group in groups.items():
             a = torch.randn(rows, k, device=device, dtype=dtype)
-            t += count[(k, n)] * _time_ms(lambda: run(a, layer))
+            t += len(group) * _time_ms(lambda: run(group[0], a))
         return t
 
-    t_dequant = total(lambda a, lay: F.linear(a, dequantize_int8(lay.int8_weight, lay.scale, dtype),
-                                              None if lay.bias is None else lay.bias.to(dtype)))
+    t_dequant = total(Int8Linear.forward_dequant)
     try:
-        t_w8a8 = total(lambda a, lay: run_eager(kernel, a, lay.int8_weight, lay.scale, lay.bias))
+        t_w8a8 = total(Int8Linear.forward_kernel)
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:  # a kernel that cannot build or run here must not break generation
-        return "dequant", f"the W8A8 kernel failed on this GPU ({type(exc).__name__}: {exc})"
+        return "dequant", f"the W8A8 kernel failed on this GPU ({type(exc).__name__}: {exc})", True
     # near a tie keep dequant + cuBLAS, the path with the most hours on it
     mode = "w8a8" if t_w8a8 < 0.97 * t_dequant else "dequant"
-    return mode, f"W8A8 kernel {t_w8a8:.2f} ms vs dequant + cuBLAS {t_dequant:.2f} ms per block's linears"
+    return mode, f"W8A8 kernel {t_w8a8:.2f} ms vs dequant + cuBLAS {t_dequant:.2f} ms per block's linears", False
 
 
 def choose_mode(layers: list[Int8Linear], tokens: int, dtype: torch.dtype, device: torch.device) -> str:
@@ -192,26 +200,22 @@ def choose_mode(layers: list[Int8Linear], tokens: int, dtype: torch.dtype, devic
     if device.type != "cuda" or not layers:
         return "dequant"
     rows = max(TILE, min(tokens, AUTO_MAX_ROWS))
-    count: dict[tuple[int, int], int] = {}
-    first: dict[tuple[int, int], Int8Linear] = {}
+    groups: dict[tuple[int, int], list[Int8Linear]] = {}
     for layer in layers:
-        shape = (layer.in_features, layer.out_features)
-        count[shape] = count.get(shape, 0) + 1
-        first.setdefault(shape, layer)
-    key = (torch.cuda.get_device_name(device), tuple(sorted(count.items())), rows, dtype)
+        groups.setdefault((layer.in_features, layer.out_features), []).append(layer)
+    key = (torch.cuda.get_device_name(device), tuple(sorted((s, len(g)) for s, g in groups.items())), rows, dtype)
     if key in _choices:
-        return _choices[key][0]
-    probe = torch.empty(1, 128, device=device, dtype=dtype)
-    if kernel is None or not kernel.supports(probe):
-        mode, why = "dequant", "no W8A8 kernel for this GPU"
+        return _choices[key]
+    if kernel is None or not kernel.supports(torch.empty(1, TILE, device=device, dtype=dtype)):
+        mode, why, warn = "dequant", "no W8A8 kernel for this GPU", False
     else:
         try:
-            mode, why = _time_both(kernel, first, count, rows, dtype, device)
+            mode, why, warn = _time_both(groups, rows, dtype, device)
         except torch.cuda.OutOfMemoryError:  # timing must never be what runs a generation out of memory
             torch.cuda.empty_cache()
-            mode, why = "dequant", "not enough free GPU memory to time the W8A8 kernel"
-    _choices[key] = (mode, why)
-    (log.warning if why.startswith(("the W8A8 kernel failed", "not enough")) else log.info)(
+            mode, why, warn = "dequant", "not enough free GPU memory to time the W8A8 kernel", True
+    _choices[key] = mode
+    (log.warning if warn else log.info)(
         "int8 linears on %s at %d tokens: %s (%s)", key[0], rows, "W8A8 kernel" if mode == "w8a8"
         else "dequantised weights + cuBLAS", why)
     return mode
