@@ -292,7 +292,9 @@ def w8a8_case(m, kdim, n, rep):
     slices = [slice(0, min(m, 1024)), slice(last, m)]
     refs = [w8a8_linear_reference(x[sl], qw, sw, bias) for sl in slices]
     mism = {}
-    for cfg in w8a8_triton.GEMM_CONFIGS:
+    from turbo_core.kernels import w8a8_gluon
+    gluon = w8a8_gluon.CONFIGS if w8a8_gluon.usable(x.device) else []
+    for cfg in w8a8_triton.GEMM_CONFIGS + gluon:
         y = w8a8_triton.w8a8_gemm(xq, xs, qw, sw, bias, config=cfg)
         mism[_cfg_name(cfg)] = sum(int((y[sl] != r).sum()) for sl, r in zip(slices, refs))
     ye = kern(x[:1024], qw, sw, bias)

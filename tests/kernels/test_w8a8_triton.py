@@ -1,10 +1,11 @@
 """W8A8 Triton kernels (activation quantisation + int8 GEMM) vs the references.
 
-Runs in triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1). Checks (all bit-exact, the kernel's exact=True mode):
+Runs in triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1). Checks (all bit-exact):
   * codes and scales == quantize_int8 and == fixture int8_linear (incl. the edge rows:
     +amax -> 127, -amax -> -128, exact k+0.5 ties -> even);
-  * GEMM == w8a8_linear_reference and == fixture y_w8a8_kernel_order_bf16,
-    for partial row/column tiles, K not a multiple of 128, bf16/fp16, with/without bias.
+  * GEMM == w8a8_linear_reference (one FMA per K tile, as the official kernel) and within
+    the fixture's 1 bf16 ulp of y_w8a8_kernel_order_bf16, for partial row/column tiles, K not
+    a multiple of 128, bf16/fp16, with/without bias; an fp32 output shows the FMA itself.
 """
 import os
 import random
@@ -75,6 +76,25 @@ def test_gemm_bit_exact_random(shape, n, dtype, has_bias):
     expect = w8a8_linear_reference(x, qw, sw, bias)
     assert y.shape == expect.shape and y.dtype == dtype
     assert torch.equal(y, expect), f"seed {SEED}: max diff {(y.float() - expect.float()).abs().max()}"
+
+
+def test_gemm_fp32_accumulator_is_one_fma_per_k_tile():
+    """An fp32 output shows the accumulator itself: each K tile is added with one rounding
+    (the official kernel's FFMA), which a separate multiply and add would miss."""
+    g = torch.Generator().manual_seed(SEED)
+    m, k, n = 130, 640, 136
+    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, k)[None, :]
+    qw, sw = quantize_int8(torch.randn(n, k, generator=g) / k ** 0.5)
+    qx, sx = quantize_int8(x)
+    y = w8a8_triton.w8a8_gemm(qx, sx, qw, sw, None, torch.float32)
+    assert torch.equal(y, w8a8_linear_reference(x, qw, sw)), f"seed {SEED}"
+    # the same sums with a separately rounded multiply and add differ somewhere
+    acc = torch.zeros(m, n)
+    for kt in range(k // 128):
+        cols = slice(kt * 128, (kt + 1) * 128)
+        part = qx[:, cols].float() @ qw[:, cols].float().t()
+        acc = acc + part * (sx[torch.arange(m) // 128, kt][:, None] * sw[torch.arange(n) // 128, kt][None, :])
+    assert not torch.equal(y, acc)
 
 
 def test_int8_linear_module_uses_the_kernel(monkeypatch):

@@ -12,26 +12,26 @@ scale = amax/128. Out-of-range rows/columns count as 0. Bit-exact to
 `quantize_int8` (which is the CUDA kernel's formula without its fast-math
 division).
 
-w8a8_gemm (`_w8a8_gemm_kernel`): y[M,N] = sum over 128-wide K tiles kt=0,1,..
-(in that order) of  float(int32 dot of the tile) * (s_x[m/128,kt] * s_w[n/128,kt])
-accumulated in fp32; then cast to x's dtype, then + bias in that dtype
-(`w8a8_linear_reference`'s order, bit-exact: compiled with enable_fp_fusion=False
-so the scale-and-add stays a multiply and an add). BLOCK_M is 128 or 64 and the
+w8a8_gemm (`_w8a8_gemm_kernel`): for the 128-wide K tiles kt=0,1,.. in that order,
+acc = fma(float(int32 dot of the tile), s_x[m/128,kt] * s_w[n/128,kt], acc) in
+fp32 (the official kernel's arithmetic); then cast to x's dtype, then + bias in
+that dtype (`w8a8_linear_reference`, bit-exact; the interpreter takes the FMA in
+fp64 as the reference does). BLOCK_M is 128 or 64 and the
 output columns go in chunks of 64 or 128, so s_x * s_w is one scalar per K tile
 and chunk. Each tile's int32 product is converted by I2F (exact: |tile sum| <=
 2^21); on the H100 that measured 0-5% faster than the integer-add (1.5*2^23)
-trick, which costs two instructions. Tiles come in by TMA
+trick, which costs two instructions. On sm90 `w8a8_gluon` adds pipelined
+configs to the autotuner (the same arithmetic). Tiles come in by TMA
 (host tensor descriptors, sm90) when K is a multiple of 16, else by masked
 pointer loads; K need not be a multiple of 128 (zero-filled / masked).
 
 Why the tiles are small: triton waits for an int32-accumulating wgmma right after
 issuing it (its async-dot pass only pipelines fp32 accumulators), so one program
 cannot overlap its rescale with its next MMA; two or three 4-warp programs per SM
-can. The exact formula costs 3 instructions per output element and K tile
-(convert, scale, add: no FMA), i.e. 3/128 SM issue cycles against 128 MACs at
-4096 int8 MAC/cycle (1/32 cycle): the rescale alone issues 75% of the MMA time,
-so with loop overhead the kernel stays near bf16 cuBLAS speed on an H100
-(measured 700-830 TOPS; bench/RESULTS.md has the variants tried).
+can. The rescale costs 2 instructions per output element and K tile (convert,
+FMA), i.e. 2/128 SM issue cycles against 128 MACs at 4096 int8 MAC/cycle (1/32
+cycle): half the MMA time, so this kernel stays near bf16 cuBLAS speed on an
+H100 (bench/RESULTS.md has the variants tried).
 
 Interpreter: int8 dots are exact there; rint is done with the 1.5*2^23 trick
 (libdevice is not available) and bf16 outputs are rounded with an explicit RNE
@@ -39,12 +39,15 @@ Interpreter: int8 dots are exact there; rint is done with the 1.5*2^23 trick
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
 
 from ..quant.int8 import QuantizedInput
-from .sla_triton import INTERPRET, _cast, pick_config
+from . import w8a8_gluon
+from .sla_triton import AUTOTUNE, INTERPRET, _cast, pick_config
 
 try:  # triton >= 3.3: host-side TMA descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -55,6 +58,8 @@ try:  # triton >= 3.1
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - older triton
     from triton.language.extra.cuda import libdevice
+
+log = logging.getLogger("turbo_core")
 
 TILE = 128
 
@@ -113,6 +118,14 @@ def _gemm_tile(X, r0, k0, R, K, BR: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K:
 
 
 @triton.jit
+def _fma(part, scale, acc, INTERPRET: tl.constexpr):
+    """acc + part * scale rounded once (the GPU's FMA; fp64 in the interpreter, whose fma rounds twice)."""
+    if INTERPRET:
+        return (part.to(tl.float64) * scale.to(tl.float64) + acc.to(tl.float64)).to(tl.float32)
+    return tl.fma(part, scale, acc)
+
+
+@triton.jit
 def _gemm_store(Y, BIAS, acc, off_m, n0, M, N,
                 BLOCK_M: tl.constexpr, CHUNK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
                 INTERPRET: tl.constexpr):
@@ -164,11 +177,11 @@ def _w8a8_gemm_kernel(A, AS, W, WS, BIAS, Y,
         sa = tl.load(sa_ptr + kt)
         w0 = _gemm_tile(W, off_n0, k0, N, K, CHUNK_N, USE_TMA, EVEN_K)
         s0 = sa * tl.load(sw0_ptr + kt)
-        acc0 += tl.dot(a, tl.trans(w0)).to(tl.float32) * s0  # |part| <= 2^21: exact conversion
+        acc0 = _fma(tl.dot(a, tl.trans(w0)).to(tl.float32), s0, acc0, INTERPRET)  # |part| <= 2^21: exact
         if BLOCK_N > CHUNK_N:
             w1 = _gemm_tile(W, off_n1, k0, N, K, CHUNK_N, USE_TMA, EVEN_K)
             s1 = sa * tl.load(sw1_ptr + kt)
-            acc1 += tl.dot(a, tl.trans(w1)).to(tl.float32) * s1
+            acc1 = _fma(tl.dot(a, tl.trans(w1)).to(tl.float32), s1, acc1, INTERPRET)
 
     _gemm_store(Y, BIAS, acc0, off_m, off_n0, M, N, BLOCK_M, CHUNK_N, HAS_BIAS, INTERPRET)
     if BLOCK_N > CHUNK_N:
@@ -206,6 +219,30 @@ def _tma_ok(*tensors) -> bool:
     return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) == 1 for t in tensors)
 
 
+_gluon_state: dict = {}  # "error": why the Gluon kernel is not used in this process
+
+
+def _gluon_agrees(launch, y) -> bool:
+    """Before the Gluon configs join a new shape's autotuning: its first config must build and
+    give the Triton kernel's result bit for bit (the same arithmetic), else it is dropped for
+    this process, with a warning (another triton's Gluon may build differently)."""
+    if "error" in _gluon_state:
+        return False
+    try:
+        launch(GEMM_CONFIGS[0])
+        expect = y.clone()
+        launch(w8a8_gluon.CONFIGS[0])
+        ok = torch.equal(y, expect)
+        why = None if ok else f"{int((y != expect).sum())} of {y.numel()} outputs differ from the Triton kernel's"
+    except Exception as exc:  # a Gluon API this code does not know
+        why = f"{type(exc).__name__}: {exc}"
+    if why is None:
+        return True
+    _gluon_state["error"] = why
+    log.warning("W8A8: the sm90 Gluon GEMM is not used (%s); the Triton kernel runs", why)
+    return False
+
+
 def w8a8_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, *, config=None):
     """int8 xq [M,K] with tile scales xs, int8 wq [N,K] with ws -> y [M,N] in out_dtype (bit-exact)."""
     m, k = xq.shape
@@ -220,10 +257,12 @@ def w8a8_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, *, config=Non
     ws = ws.to(device=xq.device, dtype=torch.float32).contiguous()
     b = bias.to(device=xq.device, dtype=out_dtype).contiguous() if bias is not None else y
     use_tma = _tma_ok(xq, wq)
-    # fp fusion off: the per-tile scale-and-add stays a multiply and an add, as in the reference
+    # fp fusion off: the only FMA is the explicit one (the epilogue's cast, then + bias, stays as written)
     extra = {} if INTERPRET else {"enable_fp_fusion": False}
 
     def launch(cfg):
+        if cfg.get("GLUON"):
+            return w8a8_gluon.gemm_into(y, xq, xs, wq, ws, None if bias is None else b, cfg)
         cfg = dict(cfg)
         bm, bn, ch = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.pop("CHUNK_N")
         if use_tma:
@@ -241,7 +280,10 @@ def w8a8_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, *, config=Non
             config = INTERP_GEMM_CONFIG
         else:
             key = (m, n, k, out_dtype, bias is not None, use_tma)
-            config = pick_config(key, GEMM_CONFIGS, launch, _tuned, TUNE_TIMES)
+            configs = GEMM_CONFIGS
+            if AUTOTUNE and key not in _tuned and use_tma and w8a8_gluon.usable(xq.device) and _gluon_agrees(launch, y):
+                configs = GEMM_CONFIGS + w8a8_gluon.CONFIGS  # sm90: the pipelined Gluon kernel competes
+            config = pick_config(key, configs, launch, _tuned, TUNE_TIMES)
     launch(config)
     return y
 

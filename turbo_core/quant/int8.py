@@ -54,8 +54,12 @@ def w8a8_linear_reference(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
     """The official W8A8 math in kernel order, exact on any device.
 
     Per 128-wide K tile the int products are summed exactly (|sum| < 2^24 fits
-    fp32), scaled by s_x*s_w in fp32 and accumulated in fp32; the result is cast
-    to x's dtype and the bias is added in that dtype.
+    fp32) and added to the fp32 accumulator with one fused multiply-add by
+    s_x*s_w (an fp32 product): the official kernel's `acc += float(tile) * scale`,
+    which nvcc contracts into an FFMA. The FMA is taken in fp64, which holds
+    tile * scale exactly (21 + 24 bits), so it rounds once, as the GPU's does,
+    except for a double rounding about once in 2^29 additions. The result is
+    cast to x's dtype and the bias is added in that dtype.
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -68,7 +72,8 @@ def w8a8_linear_reference(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
     for kt in range(-(-k // TILE)):
         cols = slice(kt * TILE, (kt + 1) * TILE)
         part = q_x[:, cols].float() @ q_w[:, cols].float().t()
-        acc += part * (s_x[row_tile, kt][:, None] * s_w[col_tile, kt][None, :])
+        scale = s_x[row_tile, kt][:, None] * s_w[col_tile, kt][None, :]
+        acc = torch.addcmul(acc.double(), part.double(), scale.double()).float()
     y = acc.to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
