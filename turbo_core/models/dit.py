@@ -484,7 +484,8 @@ class WanDiT(nn.Module):
         if not layers or self.device.type != "cuda":
             return
         ensure_kernels(self.device)
-        mode = choose_mode(layers, tokens, self.compute_dtype, self.device)
+        ffn = [m for m in self.blocks[0].ffn if isinstance(m, Int8Linear)]  # runs in passes of <= FFN_CHUNK
+        mode = choose_mode(layers, tokens, self.compute_dtype, self.device, chunked=ffn)
         if self.parallel is not None:  # one numerics on every rank: W8A8 only where all ranks chose it
             mode = "dequant" if self.parallel.agree(mode != "w8a8") else "w8a8"
         self._set_int8_mode(mode)

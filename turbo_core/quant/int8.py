@@ -154,11 +154,12 @@ class Int8Linear(nn.Module):
 # linear="auto": the faster of the W8A8 kernel and dequant + cuBLAS, measured per GPU
 
 AUTO_MAX_ROWS = 16384  # the FFN runs in passes of at most this many tokens (models.dit.FFN_CHUNK)
-_choices: dict = {}  # (GPU name, layer shapes and counts, rows, dtype) -> mode
+_choices: dict = {}  # (GPU name, layer shapes, counts and rows, dtype) -> mode
 
 
-def _time_ms(fn, reps: int = 3) -> float:
-    fn()  # warm-up: compiles / autotunes the kernel for this shape
+def _time_ms(fn, reps: int = 10) -> float:
+    for _ in range(3):  # the first call compiles / autotunes for this shape; the next let the GPU settle
+        fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -169,11 +170,11 @@ def _time_ms(fn, reps: int = 3) -> float:
     return start.elapsed_time(end) / reps
 
 
-def _time_both(groups: dict, rows: int, dtype, device) -> tuple[str, str, bool]:
-    """(mode, why, warn): both ways timed on the first layer of each shape group."""
+def _time_both(groups: dict, dtype, device) -> tuple[str, str, bool]:
+    """(mode, why, warn): both ways timed on the first layer of each (shape, rows) group."""
     def total(run):
         t = 0.0
-        for (k, _), group in groups.items():
+        for (k, _, rows), group in groups.items():
             a = torch.randn(rows, k, device=device, dtype=dtype)
             t += len(group) * _time_ms(lambda: run(group[0], a))
         return t
@@ -190,11 +191,13 @@ def _time_both(groups: dict, rows: int, dtype, device) -> tuple[str, str, bool]:
     return mode, f"W8A8 kernel {t_w8a8:.2f} ms vs dequant + cuBLAS {t_dequant:.2f} ms per block's linears", False
 
 
-def choose_mode(layers: list[Int8Linear], tokens: int, dtype: torch.dtype, device: torch.device) -> str:
+def choose_mode(layers: list[Int8Linear], tokens: int, dtype: torch.dtype, device: torch.device,
+                chunked=()) -> str:
     """"w8a8" or "dequant" for these int8 layers at `tokens` rows on `device`.
 
     On CUDA with the W8A8 kernel installed, both ways are timed once on one layer of
-    each shape (weighted by how many layers have it) at min(tokens, 16384) rows, and
+    each shape (weighted by how many layers have it) at the rows it runs at: `tokens`,
+    or min(tokens, 16384) for the layers in `chunked` (the FFN's, which runs in passes), and
     the faster is kept for this GPU, shapes and size. GPUs whose int8 tensor cores are
     4x their bf16 rate with fp32 accumulation (GeForce RTX 30/40/50) should pick the
     kernel; on an H100 1.3B keeps cuBLAS and 14B the kernel (bench/RESULTS.md). A kernel
@@ -204,23 +207,23 @@ def choose_mode(layers: list[Int8Linear], tokens: int, dtype: torch.dtype, devic
     kernel = Int8Linear.kernel
     if device.type != "cuda" or not layers:
         return "dequant"
-    rows = max(TILE, min(tokens, AUTO_MAX_ROWS))
-    groups: dict[tuple[int, int], list[Int8Linear]] = {}
+    groups: dict[tuple[int, int, int], list[Int8Linear]] = {}
     for layer in layers:
-        groups.setdefault((layer.in_features, layer.out_features), []).append(layer)
-    key = (torch.cuda.get_device_name(device), tuple(sorted((s, len(g)) for s, g in groups.items())), rows, dtype)
+        rows = min(tokens, AUTO_MAX_ROWS) if any(layer is m for m in chunked) else tokens
+        groups.setdefault((layer.in_features, layer.out_features, max(TILE, rows)), []).append(layer)
+    key = (torch.cuda.get_device_name(device), tuple(sorted((s, len(g)) for s, g in groups.items())), dtype)
     if key in _choices:
         return _choices[key]
     if kernel is None or not kernel.supports(torch.empty(1, TILE, device=device, dtype=dtype)):
         mode, why, warn = "dequant", "no W8A8 kernel for this GPU", False
     else:
         try:
-            mode, why, warn = _time_both(groups, rows, dtype, device)
+            mode, why, warn = _time_both(groups, dtype, device)
         except torch.cuda.OutOfMemoryError:  # timing must never be what runs a generation out of memory
             torch.cuda.empty_cache()
             mode, why, warn = "dequant", "not enough free GPU memory to time the W8A8 kernel", True
     _choices[key] = mode
     (log.warning if warn else log.info)(
-        "int8 linears on %s at %d tokens: %s (%s)", key[0], rows, "W8A8 kernel" if mode == "w8a8"
+        "int8 linears on %s at %d tokens: %s (%s)", key[0], tokens, "W8A8 kernel" if mode == "w8a8"
         else "dequantised weights + cuBLAS", why)
     return mode
