@@ -480,12 +480,13 @@ class WanDiT(nn.Module):
 
     def _choose_int8_mode(self, tokens: int) -> None:
         """linear="auto": time both int8 ways once per GPU and size (quant.int8.choose_mode)."""
-        layers = [m for m in self.blocks[0].modules() if isinstance(m, Int8Linear)]
+        block = self.blocks[0]
+        layers = [m for m in block.modules() if isinstance(m, Int8Linear)]
         if not layers or self.device.type != "cuda":
             return
         ensure_kernels(self.device)
-        ffn = [m for m in self.blocks[0].ffn if isinstance(m, Int8Linear)]  # runs in passes of <= FFN_CHUNK
-        mode = choose_mode(layers, tokens, self.compute_dtype, self.device, chunked=ffn)
+        ffn = [m for m in block.ffn if isinstance(m, Int8Linear)]  # runs in passes of block.ffn_chunk tokens
+        mode = choose_mode(layers, tokens, self.compute_dtype, self.device, chunked=ffn, pass_rows=block.ffn_chunk)
         if self.parallel is not None:  # one numerics on every rank: W8A8 only where all ranks chose it
             mode = "dequant" if self.parallel.agree(mode != "w8a8") else "w8a8"
         self._set_int8_mode(mode)

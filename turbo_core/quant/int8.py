@@ -153,7 +153,6 @@ class Int8Linear(nn.Module):
 # ---------------------------------------------------------------------------
 # linear="auto": the faster of the W8A8 kernel and dequant + cuBLAS, measured per GPU
 
-AUTO_MAX_ROWS = 16384  # the FFN runs in passes of at most this many tokens (models.dit.FFN_CHUNK)
 _choices: dict = {}  # (GPU name, layer shapes, counts and rows, dtype) -> mode
 
 
@@ -192,12 +191,13 @@ def _time_both(groups: dict, dtype, device) -> tuple[str, str, bool]:
 
 
 def choose_mode(layers: list[Int8Linear], tokens: int, dtype: torch.dtype, device: torch.device,
-                chunked=()) -> str:
+                chunked=(), pass_rows: int = 0) -> str:
     """"w8a8" or "dequant" for these int8 layers at `tokens` rows on `device`.
 
     On CUDA with the W8A8 kernel installed, both ways are timed once on one layer of
     each shape (weighted by how many layers have it) at the rows it runs at: `tokens`,
-    or min(tokens, 16384) for the layers in `chunked` (the FFN's, which runs in passes), and
+    or min(tokens, pass_rows) for the layers in `chunked` (the FFN's, which runs in passes
+    of `pass_rows` tokens; 0 = one pass), and
     the faster is kept for this GPU, shapes and size. GPUs whose int8 tensor cores are
     4x their bf16 rate with fp32 accumulation (GeForce RTX 30/40/50) should pick the
     kernel; on an H100 1.3B keeps cuBLAS and 14B the kernel (bench/RESULTS.md). A kernel
@@ -209,7 +209,7 @@ def choose_mode(layers: list[Int8Linear], tokens: int, dtype: torch.dtype, devic
         return "dequant"
     groups: dict[tuple[int, int, int], list[Int8Linear]] = {}
     for layer in layers:
-        rows = min(tokens, AUTO_MAX_ROWS) if any(layer is m for m in chunked) else tokens
+        rows = min(tokens, pass_rows) if pass_rows and any(layer is m for m in chunked) else tokens
         groups.setdefault((layer.in_features, layer.out_features, max(TILE, rows)), []).append(layer)
     key = (torch.cuda.get_device_name(device), tuple(sorted((s, len(g)) for s, g in groups.items())), dtype)
     if key in _choices:
