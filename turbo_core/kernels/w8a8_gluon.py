@@ -1,21 +1,27 @@
-"""The W8A8 int8 GEMM for sm90 (H100/H200/H20) in Gluon, with the MMA of the next K tile in flight
-while the previous one is rescaled.
+"""The W8A8 int8 GEMM for sm90 (H100/H200/H20) in Gluon: persistent and warp-specialised.
 
 Same arithmetic as `w8a8_triton._w8a8_gemm_kernel`, bit for bit: per 128-wide K tile, in order,
 acc = fma(float(int32 tile), s_x * s_w, acc) in fp32; then cast to the output dtype, then + bias in
-it. `w8a8_triton.w8a8_gemm` adds `CONFIGS` to its autotuner on sm90, so each GEMM shape runs
-whichever kernel is faster there; a config that fails to build (another triton's Gluon) is skipped
-by the autotuner and the Triton kernel stays.
+it. `w8a8_triton.w8a8_gemm` adds `CONFIGS` to its autotuner on sm90 once this kernel agreed with
+the Triton one, so each GEMM shape runs whichever is faster there.
 
-Why Gluon: triton waits for an int32-accumulating wgmma right after issuing it, so a Triton
-program cannot overlap a tile's rescale (on the CUDA cores) with the next tile's MMA (on the tensor
-cores). Here each program issues MMA(k+1), waits for MMA(k) only (`warpgroup_mma_wait(1)`), refills
-that stage by TMA and rescales tile k while MMA(k+1) runs. Two K tiles per loop trip keep the
-in-flight accumulator in fixed registers: a loop-carried copy of an in-flight wgmma result makes
-ptxas serialise every wgmma. Each tile's scale is loaded one retire ahead. (bench/RESULTS.md,
-sessions 2-4, has the measurements: the same pipeline without the rescale is the ceiling.)
+Layout of one program (one per SM, looping over output tiles of 192 x 128):
+- a producer warp issues the TMA loads of each K tile (three 64 x 128 slices of A and one
+  128 x 128 tile of W) into a ring of STAGES shared-memory stages, as soon as a stage is free;
+- three consumer warpgroups each own 64 rows of the tile: wait for the stage, issue the int8
+  wgmma, wait for it, free the stage, rescale the int32 product into their fp32 accumulator.
+  While one warpgroup rescales (CUDA cores), the others' MMAs keep the tensor cores busy; its
+  epilogue (cast, bias, store) also overlaps the others' MMAs and the producer's next loads.
 
-Gluon has no CPU interpreter: tests/gpu checks it against the reference and the Triton kernel.
+Why this shape (bench/RESULTS.md, session 5, has the measurements): at 128 x 128 tiles the int8
+GEMM is bound by L2 -> SM bandwidth (ncu: L2 76-79% busy, tensor pipe 56%), so the tile must grow;
+with an int32 MMA tile and an fp32 accumulator per output, three 64 x 128 warpgroups (160
+registers each) are what the register file holds. Each warpgroup keeps one MMA in flight and
+waits for it within the same loop trip: an in-flight result carried into the next trip makes
+ptxas serialise every wgmma (its C7514 warning).
+
+Gluon has no CPU interpreter: tests/gpu runs it against the reference and the Triton kernel;
+tests/kernels compiles it for sm90 on the CPU (ptxas) and checks wgmma is not serialised.
 """
 from __future__ import annotations
 
@@ -31,6 +37,10 @@ try:  # triton >= 3.5 (the API used here is the same in 3.6 and 3.8)
 except Exception:  # pragma: no cover - older triton: the Triton kernel only
     AVAILABLE = False
 
+CONSUMERS = 3  # warpgroups of 64 rows: the tile is 192 x 128
+BLOCK_M = 64 * CONSUMERS
+BLOCK_N = 128
+
 
 def usable(device: torch.device) -> bool:
     """Gluon importable and an sm90 GPU (wgmma is sm90-only: not sm8x, not sm100/sm120)."""
@@ -39,121 +49,127 @@ def usable(device: torch.device) -> bool:
 
 if AVAILABLE:
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _CONSUMERS = gl.constexpr(CONSUMERS)
 
     @gluon.jit
-    def _load_tile(a_desc, w_desc, a_smem, w_smem, ready, kt, off_m, off_n, STAGES: gl.constexpr):
-        s = kt % STAGES
-        mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-        _tma_load(a_desc, [off_m, kt * 128], ready.index(s), a_smem.index(s))  # zero-filled outside
-        _tma_load(w_desc, [off_n, kt * 128], ready.index(s), w_smem.index(s))
+    def _tile_coords(tile, num_m, num_n, GROUP_M: gl.constexpr):
+        """Grouped order: GROUP_M row tiles share the same W column tiles in L2."""
+        group = GROUP_M * num_n
+        first_m = (tile // group) * GROUP_M
+        gsize = gl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (tile % group) % gsize, (tile % group) // gsize
 
     @gluon.jit
-    def _issue_mma(a_smem, w_smem, ready, zero, kt, STAGES: gl.constexpr):
-        s = kt % STAGES
-        mbarrier.wait(ready.index(s), (kt // STAGES) & 1)
-        return warpgroup_mma(a_smem.index(s), w_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+    def _producer(a_desc, w_desc, a_smem, w_smem, ready, empty, M, N, KT,
+                  GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+        C: gl.constexpr = a_smem.type.shape[0] // STAGES
+        num_m = gl.cdiv(M, 64 * C)
+        num_n = gl.cdiv(N, w_desc.block_type.shape[0])
+        g = 0  # K tiles loaded so far: stage g % STAGES, its use (g // STAGES) & 1
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            pm, pn = _tile_coords(tile, num_m, num_n, GROUP_M)
+            for kt in range(KT):
+                s = g % STAGES
+                mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+                bar = ready.index(s)
+                mbarrier.expect(bar, C * a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                for h in gl.static_range(C):  # zero-filled outside [M, K]
+                    _tma_load(a_desc, [pm * (64 * C) + 64 * h, kt * 128], bar, a_smem.index(C * s + h))
+                _tma_load(w_desc, [pn * w_desc.block_type.shape[0], kt * 128], bar, w_smem.index(s))
+                g += 1
 
     @gluon.jit
-    def _scale(sa_ptr, sw_ptr, kt, KT):
-        """s_x * s_w of K tile kt (clamped to the last tile: prefetches past the end are unused)."""
-        k = gl.minimum(kt, KT - 1)
-        return gl.load(sa_ptr + k) * gl.load(sw_ptr + k)
+    def _consumer(a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, M, N, KT,
+                  H: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr):
+        """Warpgroup H: rows 64H..64H+63 of each tile."""
+        C: gl.constexpr = a_smem.type.shape[0] // STAGES
+        BN: gl.constexpr = w_smem.type.shape[1]
+        # wgmma atom m16 x BN x k32 (int8) on 4 warps: one instruction covers 64 x BN
+        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BN, 32])
+        zero = gl.zeros([64, BN], gl.int32, layout)
+        num_m = gl.cdiv(M, 64 * C)
+        num_n = gl.cdiv(N, BN)
+        g = 0
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            pm, pn = _tile_coords(tile, num_m, num_n, GROUP_M)
+            off_m = pm * (64 * C) + 64 * H
+            off_n = pn * BN
+            # 64 rows and BN <= 128 columns lie inside one 128 x 128 scale tile: s_x * s_w is one
+            # scalar per K tile
+            sa_ptr = AS + (off_m // 128) * KT
+            sw_ptr = WS + (off_n // 128) * KT
+            acc = gl.zeros([64, BN], gl.float32, layout)
+            for kt in range(KT):
+                s = g % STAGES
+                mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+                tok = warpgroup_mma(a_smem.index(C * s + H), w_smem.index(s).permute((1, 0)), zero,
+                                    use_acc=False, is_async=True)
+                sc = gl.load(sa_ptr + kt) * gl.load(sw_ptr + kt)  # while the MMA runs
+                part = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+                mbarrier.arrive(empty.index(s), count=1)
+                acc = gl.fma(part.to(gl.float32), sc, acc)  # |part| <= 2^21: exact I2F, then one rounding
+                g += 1
 
-    @gluon.jit
-    def _add_tile(acc, part, sc):
-        return gl.fma(part.to(gl.float32), sc, acc)  # |part| <= 2^21: exact I2F, then one rounding
-
-    @gluon.jit
-    def _retire(tok, acc, sc, kt, KT, a_desc, w_desc, a_smem, w_smem, ready, off_m, off_n, STAGES: gl.constexpr):
-        """Wait for MMA(kt) (the one issued after it may still run), refill its stage with
-        tile kt+STAGES, and add its int32 tile times its scale sc to the fp32 accumulator."""
-        d = warpgroup_mma_wait(num_outstanding=1, deps=(tok,))
-        if kt + STAGES < KT:
-            _load_tile(a_desc, w_desc, a_smem, w_smem, ready, kt + STAGES, off_m, off_n, STAGES)
-        return _add_tile(acc, d, sc)
+            # epilogue: cast to the output dtype first, then + bias in it (the reference's order)
+            offs_m = off_m + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+            offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+            y = acc.to(Y.dtype.element_ty)
+            if HAS_BIAS:
+                bias = gl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
+                y = (y.to(gl.float32) + bias[None, :]).to(Y.dtype.element_ty)
+            gl.store(Y + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], y,
+                     mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
     @gluon.jit(do_not_specialize=["M"])
     def _w8a8_gemm_kernel(a_desc, w_desc, AS, WS, BIAS, Y, M, N, KT,
                           HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                          num_warps: gl.constexpr):
-        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
-        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-        # wgmma atom m16 x n x k32 (int8); warps stacked along M, one instruction covers BLOCK_N
-        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, BLOCK_N, 32])
-        pid = gl.program_id(0)
-        num_m = gl.cdiv(M, BLOCK_M)
-        num_n = gl.cdiv(N, BLOCK_N)
-        group = GROUP_M * num_n  # GROUP_M row tiles share the same W column tiles in L2
-        first_m = (pid // group) * GROUP_M
-        gsize = gl.minimum(num_m - first_m, GROUP_M)
-        pm = first_m + (pid % group) % gsize
-        pn = (pid % group) // gsize
-        off_m = pm * BLOCK_M
-        off_n = pn * BLOCK_N
-        # BLOCK_M, BLOCK_N <= 128 lie inside one 128x128 scale tile: s_x * s_w is one scalar per K tile
-        sa_ptr = AS + (off_m // 128) * KT
-        sw_ptr = WS + (off_n // 128) * KT
-
-        a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, 128], a_desc.layout)
-        w_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, 128], w_desc.layout)
+                          CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        a_smem = gl.allocate_shared_memory(gl.int8, [_CONSUMERS * STAGES, 64, 128], a_desc.layout)
+        w_smem = gl.allocate_shared_memory(gl.int8, [STAGES] + w_desc.block_type.shape, w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
-        for s in gl.static_range(STAGES):
-            if s < KT:
-                _load_tile(a_desc, w_desc, a_smem, w_smem, ready, s, off_m, off_n, STAGES)
-
-        zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout)
-        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout)
-        # slots A and B: two K tiles per trip, so the next trip's in-flight accumulator is the same registers
-        s_a = _scale(sa_ptr, sw_ptr, 0, KT)
-        s_b = _scale(sa_ptr, sw_ptr, 1, KT)
-        prev = _issue_mma(a_smem, w_smem, ready, zero, 0, STAGES)  # slot A: tile kt-1
-        for kt in range(1, KT - 1, 2):
-            cur = _issue_mma(a_smem, w_smem, ready, zero, kt, STAGES)  # slot B: tile kt
-            acc = _retire(prev, acc, s_a, kt - 1, KT, a_desc, w_desc, a_smem, w_smem, ready, off_m, off_n, STAGES)
-            s_a = _scale(sa_ptr, sw_ptr, kt + 1, KT)
-            prev = _issue_mma(a_smem, w_smem, ready, zero, kt + 1, STAGES)  # slot A: tile kt+1
-            acc = _retire(cur, acc, s_b, kt, KT, a_desc, w_desc, a_smem, w_smem, ready, off_m, off_n, STAGES)
-            s_b = _scale(sa_ptr, sw_ptr, kt + 2, KT)
-        if KT % 2 == 0:  # one tile left after the pairs (waited on directly: no copy of it)
-            cur = _issue_mma(a_smem, w_smem, ready, zero, KT - 1, STAGES)
-            acc = _retire(prev, acc, s_a, KT - 2, KT, a_desc, w_desc, a_smem, w_smem, ready, off_m, off_n, STAGES)
-            acc = _add_tile(acc, warpgroup_mma_wait(num_outstanding=0, deps=(cur,)), s_b)
-        else:
-            acc = _add_tile(acc, warpgroup_mma_wait(num_outstanding=0, deps=(prev,)), s_a)
-        for s in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(s))
-
-        # epilogue: cast to the output dtype first, then + bias in it (the reference's order)
-        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-        y = acc.to(Y.dtype.element_ty)
-        if HAS_BIAS:
-            bias = gl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
-            y = (y.to(gl.float32) + bias[None, :]).to(Y.dtype.element_ty)
-        gl.store(Y + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], y,
-                 mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+            mbarrier.init(empty.index(s), count=_CONSUMERS)  # one arrive per consumer warpgroup
+        # the default partition (num_warps = 4) is consumer 0; workers: consumers 1, 2, the producer
+        gl.warp_specialize([
+            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, M, N, KT, 0, GROUP_M, STAGES, HAS_BIAS)),
+            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, M, N, KT, 1, GROUP_M, STAGES, HAS_BIAS)),
+            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, M, N, KT, 2, GROUP_M, STAGES, HAS_BIAS)),
+            (_producer, (a_desc, w_desc, a_smem, w_smem, ready, empty, M, N, KT, GROUP_M, STAGES)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
 
 
-# Autotuner candidates (w8a8_triton.w8a8_gemm), marked GLUON. 128x128 on 8 warps: one program per
-# SM (its two int32 tiles and the fp32 tile take the registers), 64x128 on 4 warps: two.
+# Autotuner candidates (w8a8_triton.w8a8_gemm), marked GLUON. 16 warps (the producer's warpgroup
+# is padded to 4) at maxnreg 128 = the whole register file; setmaxnreg moves the producer's share
+# to the consumers (160 each; the default partition gets the rest, 168). H100 (triton 3.6), GEMM ms
+# at M = 32760 for (K,N) = (1536,1536) (1536,8960) (8960,1536) (5120,13824):
+#   GROUP_M 8, 5 stages (200 KB)   0.196 1.080 0.846 4.327
+#   GROUP_M 4, 4 stages (160 KB)   0.198 1.114 0.871 4.412
+# (the Triton kernel's best: 0.206 1.170 1.188 5.886; this kernel at 128 x 128 tiles on two
+# consumer warpgroups: 0.205 1.148 0.920 4.677)
 CONFIGS = [
-    dict(GLUON=True, BLOCK_M=128, BLOCK_N=128, GROUP_M=8, STAGES=4, num_warps=8),
-    dict(GLUON=True, BLOCK_M=64, BLOCK_N=128, GROUP_M=8, STAGES=4, num_warps=4),
-    dict(GLUON=True, BLOCK_M=128, BLOCK_N=64, GROUP_M=8, STAGES=4, num_warps=8),
+    dict(GLUON=True, GROUP_M=8, STAGES=5, CONSUMER_REGS=160, maxnreg=128, num_warps=4),
+    dict(GLUON=True, GROUP_M=4, STAGES=4, CONSUMER_REGS=160, maxnreg=128, num_warps=4),
 ]
+
+
+def descriptors(xq, wq):
+    """TMA descriptors of int8 xq [M, K] (64-row slices) and wq [N, K] (BLOCK_N-row tiles)."""
+    a_desc = TensorDescriptor.from_tensor(xq, [64, 128], gl.NVMMASharedLayout.get_default_for([64, 128], gl.int8))
+    w_desc = TensorDescriptor.from_tensor(
+        wq, [BLOCK_N, 128], gl.NVMMASharedLayout.get_default_for([BLOCK_N, 128], gl.int8))
+    return a_desc, w_desc
 
 
 def gemm_into(y, xq, xs, wq, ws, bias, cfg) -> None:
     """y[M,N] = W8A8 GEMM of contiguous int8 xq [M,K] and wq [N,K] (K a multiple of 16: TMA rows)."""
     cfg = {k: v for k, v in cfg.items() if k != "GLUON"}
-    bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     m, k = xq.shape
     n = wq.shape[0]
-    a_desc = TensorDescriptor.from_tensor(xq, [bm, 128], gl.NVMMASharedLayout.get_default_for([bm, 128], gl.int8))
-    w_desc = TensorDescriptor.from_tensor(wq, [bn, 128], gl.NVMMASharedLayout.get_default_for([bn, 128], gl.int8))
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    a_desc, w_desc = descriptors(xq, wq)
+    tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
+    grid = (min(tiles, torch.cuda.get_device_properties(xq.device).multi_processor_count),)
     _w8a8_gemm_kernel[grid](a_desc, w_desc, xs, ws, y if bias is None else bias, y, m, n, triton.cdiv(k, 128),
                             HAS_BIAS=bias is not None, enable_fp_fusion=False, **cfg)

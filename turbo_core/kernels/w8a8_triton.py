@@ -20,7 +20,7 @@ fp64 as the reference does). BLOCK_M is 128 or 64 and the
 output columns go in chunks of 64 or 128, so s_x * s_w is one scalar per K tile
 and chunk. Each tile's int32 product is converted by I2F (exact: |tile sum| <=
 2^21); on the H100 that measured 0-5% faster than the integer-add (1.5*2^23)
-trick, which costs two instructions. On sm90 `w8a8_gluon` adds pipelined
+trick, which costs two instructions. On sm90 `w8a8_gluon` adds warp-specialised
 configs to the autotuner (the same arithmetic). Tiles come in by TMA
 (host tensor descriptors, sm90) when K is a multiple of 16, else by masked
 pointer loads; K need not be a multiple of 128 (zero-filled / masked).
@@ -282,7 +282,7 @@ def w8a8_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, *, config=Non
             key = (m, n, k, out_dtype, bias is not None, use_tma)
             configs = GEMM_CONFIGS
             if AUTOTUNE and key not in _tuned and use_tma and w8a8_gluon.usable(xq.device) and _gluon_agrees(launch, y):
-                configs = GEMM_CONFIGS + w8a8_gluon.CONFIGS  # sm90: the pipelined Gluon kernel competes
+                configs = GEMM_CONFIGS + w8a8_gluon.CONFIGS  # sm90: the warp-specialised Gluon kernel competes
             config = pick_config(key, configs, launch, _tuned, TUNE_TIMES)
     launch(config)
     return y

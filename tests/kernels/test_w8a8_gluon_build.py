@@ -1,0 +1,60 @@
+"""The sm90 Gluon W8A8 GEMM compiles for sm90 on a machine without a GPU (triton's own front end,
+its bundled ptxas), with every wgmma left asynchronous and no register spills. Gluon has no CPU
+interpreter, so this is what CI can check of it; tests/gpu runs it."""
+import inspect
+import os
+import subprocess
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from turbo_core.kernels import w8a8_gluon  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not w8a8_gluon.AVAILABLE, reason="this triton has no Gluon")
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _compile_sm90(fn, args: dict, **options):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    sig, consts = {}, {}
+    for i, name in enumerate(inspect.signature(fn.fn).parameters):
+        if fn.params[i].is_constexpr:
+            sig[name] = "constexpr"
+            consts[(i,)] = args[name]
+        else:
+            sig[name] = mangle_type(args[name], specialize=not fn.params[i].do_not_specialize)
+    target = GPUTarget("cuda", 90, 32)
+    opts = make_backend(target).parse_options(options)
+    return triton.compile(GluonASTSource(fn, sig, consts), target=target, options=opts.__dict__)
+
+
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason="triton without its bundled ptxas")
+@pytest.mark.parametrize("cfg", w8a8_gluon.CONFIGS, ids=lambda c: f"G{c['GROUP_M']}S{c['STAGES']}")
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_gluon_gemm_builds_for_sm90_without_serialised_wgmma_or_spills(cfg, has_bias, tmp_path):
+    m, n, k = 1000, 640, 1536
+    xq = torch.zeros(m, k, dtype=torch.int8)
+    wq = torch.zeros(n, k, dtype=torch.int8)
+    a_desc, w_desc = w8a8_gluon.descriptors(xq, wq)
+    scales = torch.zeros(16, dtype=torch.float32)
+    y = torch.zeros(m, n, dtype=torch.bfloat16)
+    launch = {key: v for key, v in cfg.items() if key not in ("GLUON", "maxnreg")}
+    kernel = _compile_sm90(
+        w8a8_gluon._w8a8_gemm_kernel,
+        dict(a_desc=a_desc, w_desc=w_desc, AS=scales, WS=scales, BIAS=y, Y=y, M=m, N=n, KT=k // 128,
+             HAS_BIAS=has_bias, **launch),
+        num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"], enable_fp_fusion=False)
+    ptx = tmp_path / "k.ptx"
+    ptx.write_text(kernel.asm["ptx"])
+    out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "wgmma.mma_async" in kernel.asm["ptx"] and "setmaxnreg" in kernel.asm["ptx"]
+    assert "C7514" not in out.stderr and "serialized" not in out.stderr, out.stderr  # wgmma stays async
+    assert "0 bytes spill stores" in out.stderr, out.stderr
