@@ -22,7 +22,7 @@ def test_auto_is_dequant_on_the_cpu():
     x, t, ctx = _inputs()
     assert torch.equal(auto(x, t, ctx), plain(x, t, ctx))
     assert {m.mode for m in layers} == {"dequant"}
-    assert choose_mode(layers, 4096, torch.bfloat16, torch.device("cpu")) == "dequant"
+    assert choose_mode(layers, lambda: None, 4096, torch.bfloat16, torch.device("cpu")) == "dequant"
 
 
 def test_linear_mode_switches_and_validation():

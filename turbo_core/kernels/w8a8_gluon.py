@@ -144,14 +144,18 @@ if AVAILABLE:
 # Autotuner candidates (w8a8_triton.w8a8_gemm), marked GLUON. 16 warps (the producer's warpgroup
 # is padded to 4) at maxnreg 128 = the whole register file; setmaxnreg moves the producer's share
 # to the consumers (160 each; the default partition gets the rest, 168). H100 (triton 3.6), GEMM ms
-# at M = 32760 for (K,N) = (1536,1536) (1536,8960) (8960,1536) (5120,13824):
-#   GROUP_M 8, 5 stages (200 KB)   0.196 1.080 0.846 4.327
-#   GROUP_M 4, 4 stages (160 KB)   0.198 1.114 0.871 4.412
-# (the Triton kernel's best: 0.206 1.170 1.188 5.886; this kernel at 128 x 128 tiles on two
-# consumer warpgroups: 0.205 1.148 0.920 4.677)
+# (one sweep; the best per shape moves between runs by 2-3%) at M = 32760 for (K,N) = (1536,1536)
+# (1536,8960) (8960,1536) (5120,13824), then the 14B FFN passes (16384 rows) (5120,13824)
+# (13824,5120) and the 14B attention linears (75600 rows, 5120 x 5120):
+#   GROUP_M 4, 4 stages (160 KB)  0.192 1.063 0.863 4.558 | 2.297 2.210 3.901
+#   GROUP_M 4, 5 stages (200 KB)  0.191 1.061 0.864 4.509 | 2.310 2.207 3.822
+#   GROUP_M 8, 4 stages           0.196 1.160 0.895 4.485 | 2.235 2.206 3.873
+#   GROUP_M 16, 5 stages          0.193 1.120 0.934 4.428 | 2.272 2.292 3.832
+# (the Triton kernel's default config: 0.202 1.210 1.195 6.271 | 2.985 3.089 5.491; this kernel
+# at 128 x 128 tiles on two consumer warpgroups: 0.205 1.148 0.920 4.677 at the first four)
 CONFIGS = [
-    dict(GLUON=True, GROUP_M=8, STAGES=5, CONSUMER_REGS=160, maxnreg=128, num_warps=4),
-    dict(GLUON=True, GROUP_M=4, STAGES=4, CONSUMER_REGS=160, maxnreg=128, num_warps=4),
+    dict(GLUON=True, GROUP_M=g, STAGES=s, CONSUMER_REGS=160, maxnreg=128, num_warps=4)
+    for g, s in ((4, 4), (4, 5), (8, 4), (16, 5))
 ]
 
 

@@ -10,6 +10,7 @@ is fp32 (the exact-check mode).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -427,12 +428,16 @@ class WanDiT(nn.Module):
         shard = None if self.parallel is None else self.parallel.shard(t * h * w)
         if shard is not None:  # sequence parallel: this rank's L/N tokens and their RoPE angles
             tokens, freqs = shard.local(tokens, 1), shard.local(freqs, 0)
-        if self.int8_auto:
-            self._choose_int8_mode(tokens.shape[0] * tokens.shape[1])
         x = self.patch_embedding(tokens)  # [B,L,D]
 
         e, e0 = self.time_embed(timestep.expand(b))
         ctx = self.text_embedding(context.to(self.device, dt).expand(b, -1, -1))  # [B,L_ctx,D]
+        if self.int8_auto:  # timed on the blocks in turn, on the real inputs (outputs dropped); without
+            # the shard, so no rank waits in a collective for one whose timing failed: its linears
+            # see this rank's tokens either way, and the attention is the same in both modes
+            turn = itertools.cycle(self.blocks)
+            self._choose_int8_mode(x.shape[0] * x.shape[1],
+                                   lambda: next(turn)(x, e0, freqs, ctx, attention, sla_topk, None))
         for block in self.blocks:
             if self.between_blocks is not None:
                 self.between_blocks()
@@ -478,15 +483,17 @@ class WanDiT(nn.Module):
             if isinstance(m, Int8Linear) and m.mode != mode:
                 m.mode = mode
 
-    def _choose_int8_mode(self, tokens: int) -> None:
-        """linear="auto": time both int8 ways once per GPU and size (quant.int8.choose_mode)."""
-        block = self.blocks[0]
-        layers = [m for m in block.modules() if isinstance(m, Int8Linear)]
+    def _choose_int8_mode(self, tokens: int, run_block) -> None:
+        """linear="auto": both int8 ways timed on block forwards, once per GPU and size
+        (quant.int8.choose_mode). `run_block` runs the next block: each call streams another
+        block's weights from memory, as a step does (one block run again and again keeps much
+        of its weights and dequantised copies in L2, which flattered dequant + cuBLAS)."""
+        layers = [m for block in self.blocks for m in block.modules() if isinstance(m, Int8Linear)]
         if not layers or self.device.type != "cuda":
             return
         ensure_kernels(self.device)
-        ffn = [m for m in block.ffn if isinstance(m, Int8Linear)]  # runs in passes of block.ffn_chunk tokens
-        mode = choose_mode(layers, tokens, self.compute_dtype, self.device, chunked=ffn, pass_rows=block.ffn_chunk)
+        mode = choose_mode(layers, run_block, tokens, self.compute_dtype, self.device,
+                           context=(self.blocks[0].ffn_chunk,))
         if self.parallel is not None:  # one numerics on every rank: W8A8 only where all ranks chose it
             mode = "dequant" if self.parallel.agree(mode != "w8a8") else "w8a8"
         self._set_int8_mode(mode)

@@ -10,6 +10,7 @@ fast GEMM in through `Int8Linear.kernel`.
 from __future__ import annotations
 
 import logging
+import statistics
 from typing import NamedTuple
 
 import torch
@@ -153,72 +154,82 @@ class Int8Linear(nn.Module):
 # ---------------------------------------------------------------------------
 # linear="auto": the faster of the W8A8 kernel and dequant + cuBLAS, measured per GPU
 
-_choices: dict = {}  # (GPU name, layer shapes, counts and rows, dtype) -> mode
+_choices: dict = {}  # (GPU name, layer shapes, tokens, dtype, context) -> mode
 
 
-def _time_ms(fn, reps: int = 10) -> float:
-    for _ in range(3):  # the first call compiles / autotunes for this shape; the next let the GPU settle
-        fn()
+def _time_once(fn) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
     start.record()
-    for _ in range(reps):
-        fn()
+    fn()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / reps
+    return start.elapsed_time(end)
 
 
-def _time_both(groups: dict, dtype, device) -> tuple[str, str, bool]:
-    """(mode, why, warn): both ways timed on the first layer of each (shape, rows) group."""
-    def total(run):
-        t = 0.0
-        for (k, _, rows), group in groups.items():
-            a = torch.randn(rows, k, device=device, dtype=dtype)
-            t += len(group) * _time_ms(lambda: run(group[0], a))
-        return t
+def _time_both(layers: list[Int8Linear], run, reps: int) -> tuple[str, str, bool]:
+    """(mode, why, warn): `run()` timed with the layers in each mode (restored after). The
+    modes alternate call by call, medians compared: the first W8A8 call compiles and autotunes
+    for seconds while the GPU idles and its clock drops, and timing each mode in one stretch
+    after that measured W8A8 up to 8% slow on a fresh H100."""
+    def use(mode):
+        for m in layers:
+            m.mode = mode
 
-    t_dequant = total(Int8Linear.forward_dequant)
+    before = [m.mode for m in layers]
+    times: dict[str, list[float]] = {"dequant": [], "w8a8": []}
     try:
-        t_w8a8 = total(Int8Linear.forward_kernel)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as exc:  # a kernel that cannot build or run here must not break generation
-        return "dequant", f"the W8A8 kernel failed on this GPU ({type(exc).__name__}: {exc})", True
+        for mode in times:  # compile / autotune, then let the GPU settle
+            use(mode)
+            try:
+                for _ in range(3):
+                    run()
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a kernel that cannot build or run here must not break generation
+                if mode == "dequant":
+                    raise
+                return "dequant", f"the W8A8 kernel failed on this GPU ({type(exc).__name__}: {exc})", True
+        for _ in range(reps):
+            for mode in times:
+                use(mode)
+                times[mode].append(_time_once(run))
+    finally:
+        for m, mode in zip(layers, before):
+            m.mode = mode
+    t_dequant, t_w8a8 = (statistics.median(times[m]) for m in ("dequant", "w8a8"))
     # near a tie keep dequant + cuBLAS, the path with the most hours on it
     mode = "w8a8" if t_w8a8 < 0.97 * t_dequant else "dequant"
-    return mode, f"W8A8 kernel {t_w8a8:.2f} ms vs dequant + cuBLAS {t_dequant:.2f} ms per block's linears", False
+    return mode, f"W8A8 kernel {t_w8a8:.2f} ms vs dequant + cuBLAS {t_dequant:.2f} ms per block", False
 
 
-def choose_mode(layers: list[Int8Linear], tokens: int, dtype: torch.dtype, device: torch.device,
-                chunked=(), pass_rows: int = 0) -> str:
+def choose_mode(layers: list[Int8Linear], run, tokens: int, dtype: torch.dtype, device: torch.device,
+                context: tuple = (), reps: int = 7) -> str:
     """"w8a8" or "dequant" for these int8 layers at `tokens` rows on `device`.
 
-    On CUDA with the W8A8 kernel installed, both ways are timed once on one layer of
-    each shape (weighted by how many layers have it) at the rows it runs at: `tokens`,
-    or min(tokens, pass_rows) for the layers in `chunked` (the FFN's, which runs in passes
-    of `pass_rows` tokens; 0 = one pass), and
-    the faster is kept for this GPU, shapes and size. GPUs whose int8 tensor cores are
-    4x their bf16 rate with fp32 accumulation (GeForce RTX 30/40/50) should pick the
-    kernel; on an H100 1.3B keeps cuBLAS and 14B the kernel (bench/RESULTS.md). A kernel
-    that fails here is never used, nor is one there is no memory to time: dequant, and
-    the reason is logged. Elsewhere: "dequant".
+    On CUDA with the W8A8 kernel installed, `run()` -- work through these layers as a
+    generation does it; the model passes forwards of its blocks in turn, on the real inputs --
+    is timed with the layers in each mode, and the faster is kept for this GPU, layer shapes,
+    token count, dtype and `context` (what else changes the timing: the FFN's pass size).
+    Timing blocks, not each layer in a loop, sees what a step sees: one activation
+    quantisation shared by q/k/v, the FFN's passes, weights streamed from memory (a layer
+    timed alone keeps its weight in L2, which flattered dequant + cuBLAS: it picked dequant
+    at 1.3B on an H100 whose W8A8 step is 12% faster, bench/RESULTS.md). GPUs whose
+    int8 tensor cores are 4x their bf16 rate with fp32 accumulation (GeForce RTX 30/40/50)
+    should pick the kernel. A kernel that fails here is never used, nor is one there is no
+    memory to time: dequant, and the reason is logged. Elsewhere: "dequant".
     """
     kernel = Int8Linear.kernel
     if device.type != "cuda" or not layers:
         return "dequant"
-    groups: dict[tuple[int, int, int], list[Int8Linear]] = {}
-    for layer in layers:
-        rows = min(tokens, pass_rows) if pass_rows and any(layer is m for m in chunked) else tokens
-        groups.setdefault((layer.in_features, layer.out_features, max(TILE, rows)), []).append(layer)
-    key = (torch.cuda.get_device_name(device), tuple(sorted((s, len(g)) for s, g in groups.items())), dtype)
+    key = (torch.cuda.get_device_name(device), tuple((m.in_features, m.out_features) for m in layers), tokens,
+           dtype, context)
     if key in _choices:
         return _choices[key]
     if kernel is None or not kernel.supports(torch.empty(1, TILE, device=device, dtype=dtype)):
         mode, why, warn = "dequant", "no W8A8 kernel for this GPU", False
     else:
         try:
-            mode, why, warn = _time_both(groups, dtype, device)
+            mode, why, warn = _time_both(layers, run, reps)
         except torch.cuda.OutOfMemoryError:  # timing must never be what runs a generation out of memory
             torch.cuda.empty_cache()
             mode, why, warn = "dequant", "not enough free GPU memory to time the W8A8 kernel", True
