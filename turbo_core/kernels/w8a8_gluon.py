@@ -96,8 +96,8 @@ if AVAILABLE:
             off_m = pm * (64 * C) + 64 * H
             off_n = pn * BN
             # 64 rows and BN <= 128 columns lie inside one 128 x 128 scale tile: s_x * s_w is one
-            # scalar per K tile
-            sa_ptr = AS + (off_m // 128) * KT
+            # scalar per K tile (rows past M, whose outputs are not stored, read the last row's)
+            sa_ptr = AS + gl.minimum(off_m // 128, (M - 1) // 128) * KT
             sw_ptr = WS + (off_n // 128) * KT
             acc = gl.zeros([64, BN], gl.float32, layout)
             for kt in range(KT):

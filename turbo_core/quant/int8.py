@@ -168,9 +168,8 @@ def _time_once(fn) -> float:
 
 def _time_both(layers: list[Int8Linear], run, reps: int) -> tuple[str, str, bool]:
     """(mode, why, warn): `run()` timed with the layers in each mode (restored after). The
-    modes alternate call by call, medians compared: the first W8A8 call compiles and autotunes
-    for seconds while the GPU idles and its clock drops, and timing each mode in one stretch
-    after that measured W8A8 up to 8% slow on a fresh H100."""
+    modes alternate call by call, medians compared, so a clock that drifts while the GPU warms
+    up again after the compiles and autotuning of the first calls affects both alike."""
     def use(mode):
         for m in layers:
             m.mode = mode
