@@ -36,19 +36,24 @@ def _compile_sm90(fn, args: dict, **options):
 
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="triton without its bundled ptxas")
 @pytest.mark.parametrize("cfg", w8a8_gluon.CONFIGS, ids=lambda c: f"G{c['GROUP_M']}S{c['STAGES']}")
-@pytest.mark.parametrize("has_bias", [False, True])
-def test_gluon_gemm_builds_for_sm90_without_serialised_wgmma_or_spills(cfg, has_bias, tmp_path):
+@pytest.mark.parametrize("has_bias,tma_store", [(False, True), (True, True), (True, False)])
+def test_gluon_gemm_builds_for_sm90_without_serialised_wgmma_or_spills(cfg, has_bias, tma_store, tmp_path):
+    from triton.experimental.gluon import language as gl
+
     m, n, k = 1000, 640, 1536
     xq = torch.zeros(m, k, dtype=torch.int8)
     wq = torch.zeros(n, k, dtype=torch.int8)
     a_desc, w_desc = w8a8_gluon.descriptors(xq, wq)
     scales = torch.zeros(16, dtype=torch.float32)
-    y = torch.zeros(m, n, dtype=torch.bfloat16)
+    y = torch.zeros(m, n, dtype=torch.bfloat16 if tma_store else torch.float32)
+    y_desc = w8a8_gluon.TensorDescriptor.from_tensor(
+        y, [64, w8a8_gluon.BLOCK_N], gl.NVMMASharedLayout.get_default_for([64, w8a8_gluon.BLOCK_N], gl.bfloat16)) \
+        if tma_store else a_desc
     launch = {key: v for key, v in cfg.items() if key not in ("GLUON", "maxnreg")}
     kernel = _compile_sm90(
         w8a8_gluon._w8a8_gemm_kernel,
-        dict(a_desc=a_desc, w_desc=w_desc, AS=scales, WS=scales, BIAS=y, Y=y, M=m, N=n, KT=k // 128,
-             HAS_BIAS=has_bias, **launch),
+        dict(a_desc=a_desc, w_desc=w_desc, y_desc=y_desc, AS=scales, WS=scales, BIAS=y, Y=y, M=m, N=n,
+             KT=k // 128, HAS_BIAS=has_bias, TMA_STORE=tma_store, **launch),
         num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"], enable_fp_fusion=False)
     ptx = tmp_path / "k.ptx"
     ptx.write_text(kernel.asm["ptx"])
@@ -58,3 +63,5 @@ def test_gluon_gemm_builds_for_sm90_without_serialised_wgmma_or_spills(cfg, has_
     assert "wgmma.mma_async" in kernel.asm["ptx"] and "setmaxnreg" in kernel.asm["ptx"]
     assert "C7514" not in out.stderr and "serialized" not in out.stderr, out.stderr  # wgmma stays async
     assert "0 bytes spill stores" in out.stderr, out.stderr
+    assert kernel.metadata.shared <= 227 * 1024  # an sm90 block's shared memory
+    assert ("cp.async.bulk.tensor.2d.global.shared" in kernel.asm["ptx"]) == tma_store  # the TMA store

@@ -10,8 +10,11 @@ Layout of one program (one per SM, looping over output tiles of 192 x 128):
   128 x 128 tile of W) into a ring of STAGES shared-memory stages, as soon as a stage is free;
 - three consumer warpgroups each own 64 rows of the tile: wait for the stage, issue the int8
   wgmma, wait for it, free the stage, rescale the int32 product into their fp32 accumulator.
-  While one warpgroup rescales (CUDA cores), the others' MMAs keep the tensor cores busy; its
-  epilogue (cast, bias, store) also overlaps the others' MMAs and the producer's next loads.
+  While one warpgroup rescales (CUDA cores), the others' MMAs keep the tensor cores busy. The
+  epilogue (cast, bias) writes the tile to shared memory and leaves the store to the TMA unit
+  (8 stmatrix + 1 TMA instruction instead of 32 masked global stores per thread: 15-28% faster
+  at K = 1536, where a tile's epilogue is long next to its 12 K tiles); outputs TMA cannot store
+  (fp32, rows not 16-byte aligned) are stored from registers.
 
 Why this shape (bench/RESULTS.md, session 5, has the measurements): at 128 x 128 tiles the int8
 GEMM is bound by L2 -> SM bandwidth (ncu: L2 76-79% busy, tensor pipe 56%), so the tile must grow;
@@ -31,7 +34,8 @@ import triton
 try:  # triton >= 3.5 (the API used here is the same in 3.6 and 3.8)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     AVAILABLE = True
 except Exception:  # pragma: no cover - older triton: the Triton kernel only
@@ -49,6 +53,7 @@ def usable(device: torch.device) -> bool:
 
 if AVAILABLE:
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     _CONSUMERS = gl.constexpr(CONSUMERS)
 
     @gluon.jit
@@ -79,8 +84,9 @@ if AVAILABLE:
                 g += 1
 
     @gluon.jit
-    def _consumer(a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, M, N, KT,
-                  H: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr):
+    def _consumer(a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, y_desc, c_smem, M, N, KT,
+                  H: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  TMA_STORE: gl.constexpr):
         """Warpgroup H: rows 64H..64H+63 of each tile."""
         C: gl.constexpr = a_smem.type.shape[0] // STAGES
         BN: gl.constexpr = w_smem.type.shape[1]
@@ -118,14 +124,26 @@ if AVAILABLE:
             if HAS_BIAS:
                 bias = gl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
                 y = (y.to(gl.float32) + bias[None, :]).to(Y.dtype.element_ty)
-            gl.store(Y + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], y,
-                     mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+            if TMA_STORE:  # through shared memory, the store left to the TMA unit (clipped at M, N)
+                tma.store_wait(0)  # this warpgroup's previous tile has left c_smem
+                c_smem.index(H).store(y)
+                fence_async_shared()
+                _tma_store(y_desc, [off_m, off_n], c_smem.index(H))
+            else:
+                gl.store(Y + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], y,
+                         mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+        if TMA_STORE:
+            tma.store_wait(0)
 
     @gluon.jit(do_not_specialize=["M"])
-    def _w8a8_gemm_kernel(a_desc, w_desc, AS, WS, BIAS, Y, M, N, KT,
+    def _w8a8_gemm_kernel(a_desc, w_desc, y_desc, AS, WS, BIAS, Y, M, N, KT,
                           HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                          CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                          CONSUMER_REGS: gl.constexpr, TMA_STORE: gl.constexpr, num_warps: gl.constexpr):
         a_smem = gl.allocate_shared_memory(gl.int8, [_CONSUMERS * STAGES, 64, 128], a_desc.layout)
+        if TMA_STORE:  # one output tile per consumer warpgroup
+            c_smem = gl.allocate_shared_memory(y_desc.dtype, [_CONSUMERS] + y_desc.block_type.shape, y_desc.layout)
+        else:
+            c_smem = a_smem  # unused
         w_smem = gl.allocate_shared_memory(gl.int8, [STAGES] + w_desc.block_type.shape, w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -134,9 +152,12 @@ if AVAILABLE:
             mbarrier.init(empty.index(s), count=_CONSUMERS)  # one arrive per consumer warpgroup
         # the default partition (num_warps = 4) is consumer 0; workers: consumers 1, 2, the producer
         gl.warp_specialize([
-            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, M, N, KT, 0, GROUP_M, STAGES, HAS_BIAS)),
-            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, M, N, KT, 1, GROUP_M, STAGES, HAS_BIAS)),
-            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, M, N, KT, 2, GROUP_M, STAGES, HAS_BIAS)),
+            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, y_desc, c_smem, M, N, KT, 0, GROUP_M, STAGES,
+                         HAS_BIAS, TMA_STORE)),
+            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, y_desc, c_smem, M, N, KT, 1, GROUP_M, STAGES,
+                         HAS_BIAS, TMA_STORE)),
+            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, y_desc, c_smem, M, N, KT, 2, GROUP_M, STAGES,
+                         HAS_BIAS, TMA_STORE)),
             (_producer, (a_desc, w_desc, a_smem, w_smem, ready, empty, M, N, KT, GROUP_M, STAGES)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
 
@@ -144,18 +165,18 @@ if AVAILABLE:
 # Autotuner candidates (w8a8_triton.w8a8_gemm), marked GLUON. 16 warps (the producer's warpgroup
 # is padded to 4) at maxnreg 128 = the whole register file; setmaxnreg moves the producer's share
 # to the consumers (160 each; the default partition gets the rest, 168). H100 (triton 3.6), GEMM ms
-# (one sweep; the best per shape moves between runs by 2-3%) at M = 32760 for (K,N) = (1536,1536)
-# (1536,8960) (8960,1536) (5120,13824), then the 14B FFN passes (16384 rows) (5120,13824)
-# (13824,5120) and the 14B attention linears (75600 rows, 5120 x 5120):
-#   GROUP_M 4, 4 stages (160 KB)  0.192 1.063 0.863 4.558 | 2.297 2.210 3.901
-#   GROUP_M 4, 5 stages (200 KB)  0.191 1.061 0.864 4.509 | 2.310 2.207 3.822
-#   GROUP_M 8, 4 stages           0.196 1.160 0.895 4.485 | 2.235 2.206 3.873
-#   GROUP_M 16, 5 stages          0.193 1.120 0.934 4.428 | 2.272 2.292 3.832
-# (the Triton kernel's default config: 0.202 1.210 1.195 6.271 | 2.985 3.089 5.491; this kernel
-# at 128 x 128 tiles on two consumer warpgroups: 0.205 1.148 0.920 4.677 at the first four)
+# with bias (one sweep; the best per shape moves between runs by 2-3%) at M = 32760 for (K,N) =
+# (1536,1536) (1536,8960) (8960,1536) (5120,13824), then the 14B FFN passes (16384 rows)
+# (5120,13824) (13824,5120) and the 14B attention linears (75600 rows, 5120 x 5120):
+#   GROUP_M 4, 4 stages (160 KB + 48 KB of output tiles)  0.142 0.897 0.810 4.185 | 2.134 2.138 3.606
+#   GROUP_M 8, 4 stages                                   0.144 0.886 0.816 4.193 | 2.124 2.134 3.613
+#   GROUP_M 16, 4 stages                                  0.147 0.880 0.836 4.362 | 2.084 2.238 3.683
+#   GROUP_M 4, 3 stages                                   0.145 0.885 0.817 4.303 | 2.180 2.247 3.703
+# Stores from registers instead of by TMA (fp32 outputs; rows not 16-byte aligned), GROUP_M 4:
+# 0.196 1.090 0.861 4.591 | 2.294 2.235 3.923 (5 stages: 0.195 1.068 0.863 4.467).
 CONFIGS = [
     dict(GLUON=True, GROUP_M=g, STAGES=s, CONSUMER_REGS=160, maxnreg=128, num_warps=4)
-    for g, s in ((4, 4), (4, 5), (8, 4), (16, 5))
+    for g, s in ((4, 4), (8, 4), (16, 4), (4, 3))
 ]
 
 
@@ -167,13 +188,26 @@ def descriptors(xq, wq):
     return a_desc, w_desc
 
 
+def _tma_store_ok(y) -> bool:
+    """The output can take TMA stores: 16-bit, contiguous, 16-byte aligned rows."""
+    return (y.dtype in (torch.bfloat16, torch.float16) and y.is_contiguous() and y.data_ptr() % 16 == 0
+            and (y.shape[1] * y.element_size()) % 16 == 0)
+
+
 def gemm_into(y, xq, xs, wq, ws, bias, cfg) -> None:
     """y[M,N] = W8A8 GEMM of contiguous int8 xq [M,K] and wq [N,K] (K a multiple of 16: TMA rows)."""
     cfg = {k: v for k, v in cfg.items() if k != "GLUON"}
     m, k = xq.shape
     n = wq.shape[0]
     a_desc, w_desc = descriptors(xq, wq)
+    store = cfg.pop("TMA_STORE", True) and _tma_store_ok(y)
+    if store:  # 3 x 16 KB of output tiles: at most 4 stages fit beside them
+        cfg["STAGES"] = min(cfg["STAGES"], 4)
+        dt = gl.bfloat16 if y.dtype == torch.bfloat16 else gl.float16
+        y_desc = TensorDescriptor.from_tensor(y, [64, BLOCK_N], gl.NVMMASharedLayout.get_default_for([64, BLOCK_N], dt))
+    else:
+        y_desc = a_desc  # not read
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
     grid = (min(tiles, torch.cuda.get_device_properties(xq.device).multi_processor_count),)
-    _w8a8_gemm_kernel[grid](a_desc, w_desc, xs, ws, y if bias is None else bias, y, m, n, triton.cdiv(k, 128),
-                            HAS_BIAS=bias is not None, enable_fp_fusion=False, **cfg)
+    _w8a8_gemm_kernel[grid](a_desc, w_desc, y_desc, xs, ws, y if bias is None else bias, y, m, n, triton.cdiv(k, 128),
+                            HAS_BIAS=bias is not None, TMA_STORE=store, enable_fp_fusion=False, **cfg)
