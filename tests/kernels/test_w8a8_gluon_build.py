@@ -38,17 +38,14 @@ def _compile_sm90(fn, args: dict, **options):
 @pytest.mark.parametrize("cfg", w8a8_gluon.CONFIGS, ids=lambda c: f"G{c['GROUP_M']}S{c['STAGES']}")
 @pytest.mark.parametrize("has_bias,tma_store", [(False, True), (True, True), (True, False)])
 def test_gluon_gemm_builds_for_sm90_without_serialised_wgmma_or_spills(cfg, has_bias, tma_store, tmp_path):
-    from triton.experimental.gluon import language as gl
-
     m, n, k = 1000, 640, 1536
     xq = torch.zeros(m, k, dtype=torch.int8)
     wq = torch.zeros(n, k, dtype=torch.int8)
-    a_desc, w_desc = w8a8_gluon.descriptors(xq, wq)
     scales = torch.zeros(16, dtype=torch.float32)
     y = torch.zeros(m, n, dtype=torch.bfloat16 if tma_store else torch.float32)
-    y_desc = w8a8_gluon.TensorDescriptor.from_tensor(
-        y, [64, w8a8_gluon.BLOCK_N], gl.NVMMASharedLayout.get_default_for([64, w8a8_gluon.BLOCK_N], gl.bfloat16)) \
-        if tma_store else a_desc
+    a_desc, w_desc, y_desc = w8a8_gluon.descriptors(xq, wq, y)
+    assert (y_desc is not None) == tma_store  # fp32 outputs are stored from registers
+    y_desc = y_desc or a_desc
     launch = {key: v for key, v in cfg.items() if key not in ("GLUON", "maxnreg")}
     kernel = _compile_sm90(
         w8a8_gluon._w8a8_gemm_kernel,

@@ -118,7 +118,6 @@ if AVAILABLE:
                 g += 1
 
             # epilogue: cast to the output dtype first, then + bias in it (the reference's order)
-            offs_m = off_m + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
             offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
             y = acc.to(Y.dtype.element_ty)
             if HAS_BIAS:
@@ -130,6 +129,7 @@ if AVAILABLE:
                 fence_async_shared()
                 _tma_store(y_desc, [off_m, off_n], c_smem.index(H))
             else:
+                offs_m = off_m + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
                 gl.store(Y + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], y,
                          mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
         if TMA_STORE:
@@ -180,18 +180,23 @@ CONFIGS = [
 ]
 
 
-def descriptors(xq, wq):
-    """TMA descriptors of int8 xq [M, K] (64-row slices) and wq [N, K] (BLOCK_N-row tiles)."""
-    a_desc = TensorDescriptor.from_tensor(xq, [64, 128], gl.NVMMASharedLayout.get_default_for([64, 128], gl.int8))
-    w_desc = TensorDescriptor.from_tensor(
-        wq, [BLOCK_N, 128], gl.NVMMASharedLayout.get_default_for([BLOCK_N, 128], gl.int8))
-    return a_desc, w_desc
-
-
 def _tma_store_ok(y) -> bool:
     """The output can take TMA stores: 16-bit, contiguous, 16-byte aligned rows."""
     return (y.dtype in (torch.bfloat16, torch.float16) and y.is_contiguous() and y.data_ptr() % 16 == 0
             and (y.shape[1] * y.element_size()) % 16 == 0)
+
+
+def descriptors(xq, wq, y=None):
+    """TMA descriptors of int8 xq [M, K] (64-row slices), wq [N, K] (BLOCK_N-row tiles) and of the
+    output y [M, N] (64 x BLOCK_N tiles), or None for y when TMA cannot store it."""
+    a_desc = TensorDescriptor.from_tensor(xq, [64, 128], gl.NVMMASharedLayout.get_default_for([64, 128], gl.int8))
+    w_desc = TensorDescriptor.from_tensor(
+        wq, [BLOCK_N, 128], gl.NVMMASharedLayout.get_default_for([BLOCK_N, 128], gl.int8))
+    y_desc = None
+    if y is not None and _tma_store_ok(y):
+        dt = gl.bfloat16 if y.dtype == torch.bfloat16 else gl.float16
+        y_desc = TensorDescriptor.from_tensor(y, [64, BLOCK_N], gl.NVMMASharedLayout.get_default_for([64, BLOCK_N], dt))
+    return a_desc, w_desc, y_desc
 
 
 def gemm_into(y, xq, xs, wq, ws, bias, cfg) -> None:
@@ -199,15 +204,9 @@ def gemm_into(y, xq, xs, wq, ws, bias, cfg) -> None:
     cfg = {k: v for k, v in cfg.items() if k != "GLUON"}
     m, k = xq.shape
     n = wq.shape[0]
-    a_desc, w_desc = descriptors(xq, wq)
-    store = cfg.pop("TMA_STORE", True) and _tma_store_ok(y)
-    if store:  # 3 x 16 KB of output tiles: at most 4 stages fit beside them
-        cfg["STAGES"] = min(cfg["STAGES"], 4)
-        dt = gl.bfloat16 if y.dtype == torch.bfloat16 else gl.float16
-        y_desc = TensorDescriptor.from_tensor(y, [64, BLOCK_N], gl.NVMMASharedLayout.get_default_for([64, BLOCK_N], dt))
-    else:
-        y_desc = a_desc  # not read
+    a_desc, w_desc, y_desc = descriptors(xq, wq, y)
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
     grid = (min(tiles, torch.cuda.get_device_properties(xq.device).multi_processor_count),)
-    _w8a8_gemm_kernel[grid](a_desc, w_desc, y_desc, xs, ws, y if bias is None else bias, y, m, n, triton.cdiv(k, 128),
-                            HAS_BIAS=bias is not None, TMA_STORE=store, enable_fp_fusion=False, **cfg)
+    _w8a8_gemm_kernel[grid](a_desc, w_desc, a_desc if y_desc is None else y_desc,  # a_desc: a placeholder, not read
+                            xs, ws, y if bias is None else bias, y, m, n, triton.cdiv(k, 128),
+                            HAS_BIAS=bias is not None, TMA_STORE=y_desc is not None, enable_fp_fusion=False, **cfg)
