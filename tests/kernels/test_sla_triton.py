@@ -226,3 +226,12 @@ def test_install_without_triton_returns_false(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
     assert kernels.available() is False
     assert kernels.install() is False
+
+
+@pytest.mark.parametrize("kk,nk", [(1, 1), (5, 10), (59, 591), (100, 128), (300, 1182)])
+def test_sort_rows_is_an_ascending_sort(kk, nk):
+    g = torch.Generator().manual_seed(SEED + kk)
+    idx = torch.rand(2, 3, 7, nk, generator=g).topk(kk, dim=-1, sorted=False).indices  # int64, unordered
+    lut = sla_triton.sort_rows(idx)
+    assert lut.dtype == torch.int32 and lut.shape == idx.shape and lut.is_contiguous()
+    assert torch.equal(lut, idx.sort(dim=-1).values.int()), f"seed {SEED}"

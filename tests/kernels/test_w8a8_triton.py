@@ -160,3 +160,17 @@ def test_dit_with_the_kernel_and_shared_inputs_is_bit_exact(monkeypatch):
     reference = model(x, t, ctx)  # every layer through w8a8_linear_reference
     monkeypatch.setattr(Int8Linear, "kernel", w8a8_triton.W8A8Kernel())
     assert torch.equal(model(x, t, ctx), reference)  # the kernel, q/k/v and cross k/v sharing one quantisation
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantize_every_finite_value(dtype):
+    """Every finite 16-bit value (subnormals, the largest, both zeros) in one [rows, 128] input."""
+    x = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = x[torch.isfinite(x)]
+    x = torch.cat([x, x.new_zeros(-x.numel() % 128)]).view(-1, 128)
+    q, s = w8a8_triton.quantize_act(x)
+    rq, rs = quantize_int8(x)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    tiny = x[:128].clone()  # a tile of bf16/fp16 subnormals only: their own scale
+    q, s = w8a8_triton.quantize_act(tiny)
+    assert torch.equal(q, quantize_int8(tiny)[0]) and torch.equal(s, quantize_int8(tiny)[1])

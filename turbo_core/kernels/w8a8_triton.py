@@ -64,6 +64,16 @@ log = logging.getLogger("turbo_core")
 TILE = 128
 
 
+@triton.jit
+def _to_f32(x, INTERPRET: tl.constexpr):
+    """x -> fp32 (the interpreter's own bf16 widening mangles subnormals: done on the bits there)."""
+    if INTERPRET and x.dtype == tl.bfloat16:
+        r = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        r = x.to(tl.float32)
+    return r
+
+
 @triton.jit(do_not_specialize=["M"])
 def _act_quant_kernel(X, XQ, XS, M, K, KT, sxm,
                       INTERPRET: tl.constexpr):
@@ -72,7 +82,7 @@ def _act_quant_kernel(X, XQ, XS, M, K, KT, sxm,
     rows = pm * 128 + tl.arange(0, 128)
     cols = pk * 128 + tl.arange(0, 128)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
-    x = tl.load(X + rows[:, None].to(tl.int64) * sxm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = _to_f32(tl.load(X + rows[:, None].to(tl.int64) * sxm + cols[None, :], mask=mask, other=0.0), INTERPRET)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-8)
     mult = tl.math.div_rn(128.0, amax)
     y = x * mult

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from typing import NamedTuple
 
 import torch
@@ -46,7 +47,9 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """int8 [N, K] + tile scales -> weight [N, K] in `dtype`."""
     n, k = q.shape
-    s = scale.float().repeat_interleave(TILE, 0)[:n].repeat_interleave(TILE, 1)[:, :k]
+    nt, kt = scale.shape
+    # expand, not repeat_interleave: on CUDA that waits for the GPU (it reads its output size back)
+    s = scale.float()[:, None, :, None].expand(nt, TILE, kt, TILE).reshape(nt * TILE, kt * TILE)[:n, :k]
     return (q.float() * s).to(dtype)
 
 
@@ -157,8 +160,12 @@ class Int8Linear(nn.Module):
 _choices: dict = {}  # (GPU name, layer shapes, tokens, dtype, context) -> mode
 
 
-def _time_once(fn) -> float:
+def _time_once(fn, queue_ms: float = 0.0) -> float:
+    """GPU ms of fn(). With queue_ms, the GPU first spins for about that long (at <= 2 GHz), so
+    the launches of fn() queue up behind it: the GPU's time, not the CPU's pace of launching."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if queue_ms:
+        torch.cuda._sleep(int(queue_ms * 2e6))
     start.record()
     fn()
     end.record()
@@ -169,19 +176,27 @@ def _time_once(fn) -> float:
 def _time_both(layers: list[Int8Linear], run, reps: int) -> tuple[str, str, bool]:
     """(mode, why, warn): `run()` timed with the layers in each mode (restored after). The
     modes alternate call by call, medians compared, so a clock that drifts while the GPU warms
-    up again after the compiles and autotuning of the first calls affects both alike."""
+    up again after the compiles and autotuning of the first calls affects both alike. Each
+    timed call queues behind a GPU spin twice as long as its launches took: timed as it came
+    (start event, launches, end event), a block whose launches are about as slow as its GPU
+    work measured the CPU, and tied (H100, 1.3B: 9.12 vs 9.12 ms, then dequant picked; queued:
+    W8A8 6.67 vs dequant 7.75 ms, steady)."""
     def use(mode):
         for m in layers:
             m.mode = mode
 
     before = [m.mode for m in layers]
     times: dict[str, list[float]] = {"dequant": [], "w8a8": []}
+    launch_ms = 0.0  # the CPU's time to launch one run() after the warm-up (either mode)
     try:
         for mode in times:  # compile / autotune, then let the GPU settle
             use(mode)
             try:
                 for _ in range(3):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
                     run()
+                launch_ms = max(launch_ms, min((time.perf_counter() - t0) * 1e3, 100.0))
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as exc:  # a kernel that cannot build or run here must not break generation
@@ -191,7 +206,7 @@ def _time_both(layers: list[Int8Linear], run, reps: int) -> tuple[str, str, bool
         for _ in range(reps):
             for mode in times:
                 use(mode)
-                times[mode].append(_time_once(run))
+                times[mode].append(_time_once(run, 2 * launch_ms))
     finally:
         for m, mode in zip(layers, before):
             m.mode = mode
