@@ -2,6 +2,7 @@
 
   python bench/bench_dit.py [--only 1.3B|14B] [--reps 3] [--runs int8+sla,...] [--compile]
                            [--ffn-chunk 0,16384] [--profile] [--torch-norm-rope] [--torch-block-ops]
+                           [--cuda-graphs]
 
 One step = one forward of the network at 81 frames (21 latent frames):
 1.3B-480p: latent [1,16,21,60,104] (L = 32760); 14B-720p: [1,16,21,90,160] (L = 75600).
@@ -43,6 +44,8 @@ def try_kernels() -> str:
 def time_forward(model, x, t, ctx, attention, reps):
     torch.cuda.synchronize()
     model(x, t, ctx, attention=attention)  # warm-up (Triton compiles here)
+    if model.cuda_graphs:
+        model(x, t, ctx, attention=attention)  # the capture
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -52,7 +55,9 @@ def time_forward(model, x, t, ctx, attention, reps):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     times.sort()
-    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+    # a replayed graph allocates nothing: its activations are the pool reserved for it
+    peak = torch.cuda.max_memory_reserved() if model.cuda_graphs else torch.cuda.max_memory_allocated()
+    return times[len(times) // 2], peak / 2**30
 
 
 def profile_step(model, x, t, ctx, attention):
@@ -72,6 +77,8 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time each run with compiled blocks")
     ap.add_argument("--compile-only", action="store_true", help="time compiled blocks only")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per run")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="replay each step as a CUDA graph (peak = reserved memory for these rows)")
     ap.add_argument("--torch-norm-rope", action="store_true",
                     help="q/k RMSNorm + RoPE with PyTorch ops instead of the fused Triton kernel")
     ap.add_argument("--linear", default="w8a8", choices=["w8a8", "dequant", "auto"],
@@ -113,6 +120,7 @@ def main():
             model = dit_from_state_dict(sd, device=dev, dtype=torch.bfloat16, source=f"random {name}",
                                         linear=args.linear if weights == "int8" else "auto")
             del sd
+            model.set_cuda_graphs(args.cuda_graphs)
             gc.collect()
             torch.cuda.empty_cache()
             weights_gib = torch.cuda.memory_allocated() / 2**30
@@ -126,6 +134,7 @@ def main():
                     label = attention + (" +compile" if compiled else "") + ("" if chunk is None else f" ffn{chunk}") \
                         + (" torch-norm-rope" if args.torch_norm_rope else "") \
                         + (" torch-block-ops" if args.torch_block_ops else "") \
+                        + (" +graphs" if args.cuda_graphs else "") \
                         + (f" {args.linear}" if weights == "int8" and args.linear != "w8a8" else "")
                     try:
                         sec, peak = time_forward(model, x, t, ctx, attention, args.reps)

@@ -133,6 +133,7 @@ def cmd_t2v(args) -> int:
         te, vae = _load_common(args) if _LEAD else (None, None)
         if args.compile:
             dit.compile_blocks()
+        dit.set_cuda_graphs(args.cuda_graphs)
         result = generate_t2v(dit, vae, te, args.prompt, width=width, height=height,
                               sigma_max=args.sigma_max or 80.0, callback=_sampling_bar(), progress=_bar,
                               parallel=sp, **_video_kwargs(args))
@@ -158,6 +159,7 @@ def cmd_i2v(args) -> int:
                 print(m.load_report.summary())
             if args.compile:
                 m.compile_blocks()
+            m.set_cuda_graphs(args.cuda_graphs)
         te, vae = _load_common(args) if _LEAD else (None, None)
         result = generate_i2v(experts, vae, te, args.prompt, args.image, width=width, height=height,
                               adaptive_resolution=args.adaptive_resolution, sigma_max=args.sigma_max or 200.0,
@@ -221,6 +223,9 @@ def _video_args(p, steps_default=4):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks (one-time warm-up; steps within 2%% of the default "
                         "eager blocks, which run fused Triton kernels)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each DiT step as one CUDA graph: for small models whose steps wait on "
+                        "Python's kernel launches (1.3B-480p int8 on an H100: 8%% faster; no gain at 14B)")
 
 
 def build_parser() -> argparse.ArgumentParser:

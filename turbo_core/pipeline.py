@@ -119,6 +119,8 @@ def sample_latent(models, context, *, shape, steps, sigma_max, seed, y=None, bou
                           noise_device=noise_device, attention=attention, sla_topk=sla_topk,
                           callback=callback, offload=offload)
     finally:
+        for m in experts:
+            m.release_graphs()  # a captured step's memory, before the VAE needs it
         if parallel is not None:
             for m in experts:
                 m.parallel = None
