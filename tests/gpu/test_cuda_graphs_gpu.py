@@ -49,3 +49,23 @@ def test_graph_replay_equals_eager(int8):
     graphed.set_cuda_graphs(False)
     assert graphed._graph is None
     assert torch.equal(graphed(x, t, ctx, attention="sla"), eager(x, t, ctx, attention="sla"))
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly(caplog):
+    """A host callback that waits for the GPU cannot run inside a capture: graphs switch off with
+    a warning, and the step (and the ones after it) still return the eager result."""
+    import logging
+
+    assert kernels.install()
+    sd = tiny_dit_state_dict(dim=256, layers=2, ffn_dim=640, text_dim=4096, seed=8)
+    eager = dit_from_state_dict(dict(sd), device="cuda", dtype="bf16")
+    graphed = dit_from_state_dict(dict(sd), device="cuda", dtype="bf16")
+    graphed.set_cuda_graphs(True)
+    graphed.between_blocks = torch.cuda.synchronize
+    with caplog.at_level(logging.WARNING, logger="turbo_core"):
+        for seed in (1, 2, 3):
+            x, t, ctx = _inputs(seed, frames=1)
+            assert torch.equal(graphed(x, t, ctx, attention="sagesla"), eager(x, t, ctx, attention="sagesla"))
+    assert not graphed.cuda_graphs and graphed._graph is None
+    assert any("could not be captured" in r.getMessage() for r in caplog.records)
+    torch.randn(4, device="cuda")  # the CUDA RNG is usable again

@@ -11,7 +11,9 @@ is fp32 (the exact-check mode).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,8 @@ from torch import nn
 
 from ..attention import dense_attention, ensure_kernels, self_attention
 from ..quant.int8 import Int8Linear, choose_mode, run_eager, shared_input
+
+log = logging.getLogger("turbo_core")
 
 HEAD_DIM = 128
 PATCH = (1, 2, 2)
@@ -459,8 +463,21 @@ class WanDiT(nn.Module):
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # the eager step's cached blocks: the graph has its own pool
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self._forward(*static, attention, sla_topk)
+            try:
+                with torch.cuda.graph(graph):
+                    out = self._forward(*static, attention, sla_topk)
+            except Exception as exc:  # something here cannot be captured: keep generating, eagerly
+                log.warning("CUDA graphs off for this model: the step could not be captured (%s: %s)",
+                            type(exc).__name__, exc)
+                self.set_cuda_graphs(False)
+                torch.cuda.synchronize()
+                # a failed capture leaves torch's CUDA RNG in capture mode (later randn raise);
+                # an empty capture takes it out again
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "The CUDA Graph is empty": it is meant to be
+                    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                        pass
+                return self._forward(x, timestep, context, y, attention, sla_topk)
             self._graph = (key, graph, static, out)
         _, graph, static, out = self._graph
         for dst, src in zip(static, inputs):

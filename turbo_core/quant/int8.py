@@ -48,7 +48,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -
     """int8 [N, K] + tile scales -> weight [N, K] in `dtype`."""
     n, k = q.shape
     nt, kt = scale.shape
-    # expand, not repeat_interleave: on CUDA that waits for the GPU (it reads its output size back)
+    # a broadcast view of the scales (repeat_interleave built index tensors and gathered, twice)
     s = scale.float()[:, None, :, None].expand(nt, TILE, kt, TILE).reshape(nt * TILE, kt * TILE)[:n, :k]
     return (q.float() * s).to(dtype)
 
