@@ -98,6 +98,16 @@ def _cast(x, ty: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _to_f32(x, INTERPRET: tl.constexpr):
+    """x -> fp32 (the interpreter's own bf16 widening mangles subnormals: done on the bits there)."""
+    if INTERPRET and x.dtype == tl.bfloat16:
+        r = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        r = x.to(tl.float32)
+    return r
+
+
+@triton.jit
 def _dot(a, b, INTERPRET: tl.constexpr):
     """16-bit float dot with fp32 accumulation (fp32 operands in the interpreter)."""
     if INTERPRET:

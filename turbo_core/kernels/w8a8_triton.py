@@ -47,7 +47,7 @@ import triton.language as tl
 
 from ..quant.int8 import QuantizedInput
 from . import w8a8_gluon
-from .sla_triton import AUTOTUNE, INTERPRET, _cast, pick_config
+from .sla_triton import AUTOTUNE, INTERPRET, _cast, _to_f32, pick_config
 
 try:  # triton >= 3.3: host-side TMA descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -62,16 +62,6 @@ except ImportError:  # pragma: no cover - older triton
 log = logging.getLogger("turbo_core")
 
 TILE = 128
-
-
-@triton.jit
-def _to_f32(x, INTERPRET: tl.constexpr):
-    """x -> fp32 (the interpreter's own bf16 widening mangles subnormals: done on the bits there)."""
-    if INTERPRET and x.dtype == tl.bfloat16:
-        r = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    else:
-        r = x.to(tl.float32)
-    return r
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -448,7 +448,7 @@ class WanDiT(nn.Module):
         return (tuple(None if t is None else (t.shape, t.dtype, t.device) for t in inputs), attention, sla_topk,
                 # where the weights are (a host that offloads them between steps moves them)
                 self.patch_embedding.weight.data_ptr(), self.blocks[-1].modulation.data_ptr(),
-                tuple(getattr(m, "mode", None) for m in self.blocks[0].modules() if isinstance(m, Int8Linear)),
+                tuple(m.mode for m in self.blocks[0].modules() if isinstance(m, Int8Linear)),
                 self.blocks[0].ffn_chunk)
 
     def _graphed(self, x, timestep, context, y, attention, sla_topk):
