@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 from conftest import load_fixture, rel_l2
+from kernel_probes import every_finite, gelu_probe
 from turbo_core.kernels import w8a8_triton
 from turbo_core.quant.int8 import Int8Linear, quantize_int8, w8a8_linear_reference
 
@@ -131,7 +132,7 @@ def test_shared_input_quantizes_once_for_several_layers(monkeypatch):
     x = torch.randn(2, 150, 256).to(torch.bfloat16)  # 300 rows: a partial 128-row tile
     quant_launches = []
     real = w8a8_triton.quantize_act
-    monkeypatch.setattr(w8a8_triton, "quantize_act", lambda x2: quant_launches.append(1) or real(x2))
+    monkeypatch.setattr(w8a8_triton, "quantize_act", lambda x2, **kw: quant_launches.append(1) or real(x2, **kw))
     shared = shared_input(x, layers)
     assert isinstance(shared, QuantizedInput) and shared.shape == x.shape and len(quant_launches) == 1
     for layer in layers:  # bit-identical to each layer quantising x itself
@@ -165,12 +166,50 @@ def test_dit_with_the_kernel_and_shared_inputs_is_bit_exact(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_quantize_every_finite_value(dtype):
     """Every finite 16-bit value (subnormals, the largest, both zeros) in one [rows, 128] input."""
-    x = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
-    x = x[torch.isfinite(x)]
-    x = torch.cat([x, x.new_zeros(-x.numel() % 128)]).view(-1, 128)
+    x = every_finite(dtype)
     q, s = w8a8_triton.quantize_act(x)
     rq, rs = quantize_int8(x)
     assert torch.equal(q, rq) and torch.equal(s, rs)
     tiny = x[:128].clone()  # a tile of bf16/fp16 subnormals only: their own scale
     q, s = w8a8_triton.quantize_act(tiny)
     assert torch.equal(q, quantize_int8(tiny)[0]) and torch.equal(s, quantize_int8(tiny)[1])
+
+
+@pytest.mark.filterwarnings("ignore:overflow")  # x**3 of the largest inputs is inf (tanh -> 1, as torch)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gelu_quantize_is_torch_gelu_then_quantize(dtype):
+    """The FFN hidden state's fused pass: its GELU bit-identical to torch's tanh GELU on every
+    finite input; codes and scales bit-identical to quantising torch's GELU."""
+    x = every_finite(dtype).flatten()
+    g = gelu_probe(x)
+    assert torch.equal(g, torch.nn.functional.gelu(x, approximate="tanh"))
+    gen = torch.Generator().manual_seed(SEED)
+    for m, k in [(300, 200), (129, 384), (1, 130)]:  # partial tiles
+        x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+        q, s = w8a8_triton.quantize_act(x, gelu=True)
+        rq, rs = quantize_int8(torch.nn.functional.gelu(x, approximate="tanh"))
+        assert torch.equal(q, rq) and torch.equal(s, rs), f"seed {SEED}"
+
+
+def test_ffn_hidden_state_is_quantised_with_its_gelu(monkeypatch):
+    from turbo_core.quant.int8 import QuantizedInput, shared_input
+
+    layer = Int8Linear(200, 96)
+    qw, sw = quantize_int8(torch.randn(96, 200) / 16)
+    layer.int8_weight.copy_(qw)
+    layer.scale.copy_(sw)
+    layer.bias.data.copy_(torch.randn(96) * 0.1)
+    layer.mode = "w8a8"
+    h = (torch.randn(2, 150, 200) * 2).to(torch.bfloat16)
+    gelu = torch.nn.functional.gelu(h, approximate="tanh")
+    expect = w8a8_linear_reference(gelu, qw, sw, layer.bias)
+    monkeypatch.setattr(Int8Linear, "kernel", w8a8_triton.W8A8Kernel())
+    shared = shared_input(h, (layer,), gelu=True)
+    assert isinstance(shared, QuantizedInput) and shared.shape == h.shape
+    assert torch.equal(layer(shared), expect)
+    # in dequant mode, or without the kernel, the caller gets torch's GELU of h
+    layer.mode = "dequant"
+    assert torch.equal(shared_input(h, (layer,), gelu=True), gelu)
+    layer.mode = "w8a8"
+    monkeypatch.setattr(Int8Linear, "kernel", None)
+    assert torch.equal(layer(shared_input(h, (layer,), gelu=True)), expect)

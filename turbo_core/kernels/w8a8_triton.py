@@ -64,15 +64,43 @@ log = logging.getLogger("turbo_core")
 TILE = 128
 
 
+# torch's tanh GELU constants as its CUDA kernel rounds them to fp32: kBeta = sqrt(2) * 2/sqrt(pi) * 0.5
+GELU_BETA = tl.constexpr(0.7978845834732056)
+GELU_KAPPA = tl.constexpr(0.044714998453855515)
+TANH_SATURATE = tl.constexpr(8.664339742)  # torch's CPU tanh (Sleef) returns +-1 beyond this
+
+
+@triton.jit
+def _gelu_tanh(x, INTERPRET: tl.constexpr):
+    """fp32 x -> GELU(approximate="tanh") = 0.5 x (1 + tanh(u)), u = beta (x + kappa x^3).
+
+    GPU: as x * sigmoid(2u) = x / (1 + 2^(-2u log2 e)) -- one ex2 and one division,
+    within a few fp32 ulps of torch's value (libdevice's tanhf made the fused pass
+    compute-bound: slower than torch's GELU plus a separate quantisation, RESULTS session 6).
+    Interpreter: tanh in fp64, saturated where torch's CPU tanh is -- bit-identical to torch's
+    CPU GELU on every finite bf16 and fp16 input (tests check it exhaustively)."""
+    inner = GELU_BETA * tl.fma(x * x * x, GELU_KAPPA, x)
+    if INTERPRET:
+        u = tl.minimum(tl.maximum(inner, -30.0), 30.0).to(tl.float64)
+        t = (1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)).to(tl.float32)
+        t = tl.where(tl.abs(inner) > TANH_SATURATE, tl.where(inner > 0, 1.0, -1.0), t)
+        g = 0.5 * x * (1.0 + t)
+    else:
+        g = x / (1.0 + tl.exp2(inner * -2.8853900817779268))  # -2 log2(e): exp(-2u); inf -> -0.0 as torch
+    return g
+
+
 @triton.jit(do_not_specialize=["M"])
 def _act_quant_kernel(X, XQ, XS, M, K, KT, sxm,
-                      INTERPRET: tl.constexpr):
+                      GELU: tl.constexpr, INTERPRET: tl.constexpr):
     pm = tl.program_id(0)
     pk = tl.program_id(1)
     rows = pm * 128 + tl.arange(0, 128)
     cols = pk * 128 + tl.arange(0, 128)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
     x = _to_f32(tl.load(X + rows[:, None].to(tl.int64) * sxm + cols[None, :], mask=mask, other=0.0), INTERPRET)
+    if GELU:  # the FFN hidden state: its GELU, rounded to x's dtype as the torch module returns it
+        x = _to_f32(_cast(_gelu_tanh(x, INTERPRET), X.dtype.element_ty, INTERPRET), INTERPRET)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-8)
     mult = tl.math.div_rn(128.0, amax)
     y = x * mult
@@ -85,8 +113,12 @@ def _act_quant_kernel(X, XQ, XS, M, K, KT, sxm,
     tl.store(XS + pm * KT + pk, amax * 0.0078125)
 
 
-def quantize_act(x2: torch.Tensor):
-    """x [M, K] (bf16/fp16/fp32, unit column stride) -> (int8 [M, K], fp32 [ceil(M/128), ceil(K/128)])."""
+def quantize_act(x2: torch.Tensor, *, gelu: bool = False):
+    """x [M, K] (bf16/fp16/fp32, unit column stride) -> (int8 [M, K], fp32 [ceil(M/128), ceil(K/128)]).
+
+    gelu=True quantises GELU_tanh(x) rounded to x's dtype instead: the FFN hidden state in one
+    pass (read 2 bytes, write 1) instead of torch's GELU and then this (read 2, write 2, read 2,
+    write 1)."""
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, k = x2.shape
@@ -95,7 +127,7 @@ def quantize_act(x2: torch.Tensor):
     s = torch.empty(mt, kt, dtype=torch.float32, device=x2.device)
     if m == 0 or k == 0:
         return q, s
-    _act_quant_kernel[(mt, kt)](x2, q, s, m, k, kt, x2.stride(0), INTERPRET=INTERPRET,
+    _act_quant_kernel[(mt, kt)](x2, q, s, m, k, kt, x2.stride(0), GELU=gelu, INTERPRET=INTERPRET,
                                 num_warps=8, **({} if INTERPRET else {"enable_fp_fusion": False}))
     return q, s
 
@@ -298,9 +330,10 @@ class W8A8Kernel:
         qx = QuantizedInput(*quantize_act(x.reshape(-1, x.shape[-1])), x.shape, x.dtype)
         return self.gemm(qx, int8_weight, scale, bias)
 
-    def quantize(self, x2):
-        """[M, K] -> (int8 codes, tile scales): the activation half, for `quant.int8.shared_input`."""
-        return quantize_act(x2)
+    def quantize(self, x2, gelu: bool = False):
+        """[M, K] -> (int8 codes, tile scales): the activation half, for `quant.int8.shared_input`
+        (gelu=True: of GELU_tanh(x2), the FFN hidden state)."""
+        return quantize_act(x2, gelu=gelu)
 
     def gemm(self, qx, int8_weight, scale, bias=None):
         """The GEMM half on a `quant.int8.QuantizedInput`."""

@@ -97,15 +97,19 @@ class QuantizedInput(NamedTuple):
     dtype: torch.dtype  # the input's dtype: the layers' output dtype
 
 
-def shared_input(x: torch.Tensor, layers) -> torch.Tensor | QuantizedInput:
+def shared_input(x: torch.Tensor, layers, gelu: bool = False) -> torch.Tensor | QuantizedInput:
     """x quantised once when every layer is an Int8Linear that will run the W8A8 kernel on it
     (q/k/v of the self-attention read the same x: one activation pass instead of three), else x.
-    Bit-identical either way: each layer would quantise x to the same codes."""
+    Bit-identical either way: each layer would quantise x to the same codes.
+
+    gelu=True: the layers read GELU_tanh(x) (the FFN hidden state). The kernel's pass applies
+    the GELU as it quantises (on the GPU within a few fp32 ulps of torch's GELU before the
+    rounding to x's dtype; exact in the interpreter); otherwise torch's GELU of x is returned."""
     kernel = Int8Linear.kernel
     if kernel is None or not all(isinstance(m, Int8Linear) and m.mode == "w8a8" for m in layers) \
             or not kernel.supports(x):
-        return x
-    codes, scales = run_eager(kernel.quantize, x.reshape(-1, x.shape[-1]))
+        return F.gelu(x, approximate="tanh") if gelu else x
+    codes, scales = run_eager(kernel.quantize, x.reshape(-1, x.shape[-1]), gelu)
     return QuantizedInput(codes, scales, x.shape, x.dtype)
 
 
