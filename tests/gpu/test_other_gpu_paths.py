@@ -21,6 +21,7 @@ def capability(request, monkeypatch):
     # Triton's driver binds the real query when it starts: it keeps compiling for this GPU
     triton.runtime.driver.active.get_current_target()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: request.param)
+    monkeypatch.setattr(sla_triton, "capability", lambda device=None: request.param)  # the kernels' cached query
     monkeypatch.setattr(sla_triton, "_tuned", {})
     monkeypatch.setattr(w8a8_triton, "_tuned", {})
     return request.param

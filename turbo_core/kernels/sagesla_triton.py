@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from ..attention.sla_reference import BLKK, BLKQ
+from . import sla_triton
 from .sla_triton import (INTERPRET, _check_layout, _fp8_grid, attention_launch, block_lut, sla_forward)
 from .sla_triton import supports as _sla_supports
 
@@ -131,7 +132,7 @@ def fp8_supported(device=None) -> bool:
         return True
     if not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return sla_triton.capability(device) >= (8, 9)
 
 
 def int8_supported(device=None) -> bool:
@@ -140,12 +141,12 @@ def int8_supported(device=None) -> bool:
         return True
     if not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    return sla_triton.capability(device) >= (8, 0)
 
 
 def default_blocks(device=None) -> tuple[int, int]:
     """(BLKQ, BLKK) of upstream SageSLA: 64 x 128 on sm90, else 128 x 64."""
-    if not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability(device) == (9, 0):
+    if not INTERPRET and torch.cuda.is_available() and sla_triton.capability(device) == (9, 0):
         return 64, 128
     return BLKQ, BLKK
 

@@ -40,6 +40,7 @@ native bf16 paths compile.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -65,6 +66,29 @@ def _interpreting() -> bool:
 
 
 INTERPRET = _interpreting()
+
+
+@functools.lru_cache(maxsize=None)
+def _device_facts(index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def _index(device) -> int:
+    if device is None or getattr(device, "index", None) is None:
+        return torch.cuda.current_device()
+    return device.index
+
+
+def capability(device=None) -> tuple[int, int]:
+    """The CUDA GPU's compute capability, cached per device: the kernels ask on every launch,
+    and torch's query costs several microseconds of CPU each time (launch-bound at 1.3B)."""
+    return _device_facts(_index(device))[0]
+
+
+def sm_count(device=None) -> int:
+    """Streaming multiprocessors of the CUDA GPU (cached, as `capability`)."""
+    return _device_facts(_index(device))[1]
 # TURBO_KERNELS_AUTOTUNE=0 -> always the first (default) config, no timing on first call.
 AUTOTUNE = os.environ.get("TURBO_KERNELS_AUTOTUNE", "1") != "0" and not INTERPRET
 
@@ -609,7 +633,7 @@ def _tma_descriptors(q, k, v, qc, kc, vt, qk_int8: bool, v_fp8: bool, blkk: int)
     seen as 2D [B*L, H*D] (row stride L's), codes as [B*H*L, D], V^T as [B*H*D, LP]."""
     if TensorDescriptor is None:
         return None
-    if not INTERPRET and torch.cuda.get_device_capability(q.device) < (9, 0):
+    if not INTERPRET and capability(q.device) < (9, 0):
         return None
     b, n, h, d = k.shape
 

@@ -28,8 +28,12 @@ tests/kernels compiles it for sm90 on the CPU (ptxas) and checks wgmma is not se
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
+
+from . import sla_triton
 
 try:  # triton >= 3.5 (the API used here is the same in 3.6 and 3.8)
     from triton.experimental import gluon
@@ -48,7 +52,7 @@ BLOCK_N = 128
 
 def usable(device: torch.device) -> bool:
     """Gluon importable and an sm90 GPU (wgmma is sm90-only: not sm8x, not sm100/sm120)."""
-    return AVAILABLE and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    return AVAILABLE and device.type == "cuda" and sla_triton.capability(device) == (9, 0)
 
 
 if AVAILABLE:
@@ -189,14 +193,19 @@ def _tma_store_ok(y) -> bool:
 def descriptors(xq, wq, y=None):
     """TMA descriptors of int8 xq [M, K] (64-row slices), wq [N, K] (BLOCK_N-row tiles) and of the
     output y [M, N] (64 x BLOCK_N tiles), or None for y when TMA cannot store it."""
-    a_desc = TensorDescriptor.from_tensor(xq, [64, 128], gl.NVMMASharedLayout.get_default_for([64, 128], gl.int8))
-    w_desc = TensorDescriptor.from_tensor(
-        wq, [BLOCK_N, 128], gl.NVMMASharedLayout.get_default_for([BLOCK_N, 128], gl.int8))
+    a_desc = TensorDescriptor.from_tensor(xq, [64, 128], _layout(64, 128, torch.int8))
+    w_desc = TensorDescriptor.from_tensor(wq, [BLOCK_N, 128], _layout(BLOCK_N, 128, torch.int8))
     y_desc = None
     if y is not None and _tma_store_ok(y):
-        dt = gl.bfloat16 if y.dtype == torch.bfloat16 else gl.float16
-        y_desc = TensorDescriptor.from_tensor(y, [64, BLOCK_N], gl.NVMMASharedLayout.get_default_for([64, BLOCK_N], dt))
+        y_desc = TensorDescriptor.from_tensor(y, [64, BLOCK_N], _layout(64, BLOCK_N, y.dtype))
     return a_desc, w_desc, y_desc
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(rows: int, cols: int, dtype: torch.dtype):
+    """The NVMMA shared layout of a TMA tile (built once: a launch-time cost otherwise)."""
+    gdt = {torch.int8: gl.int8, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)
 
 
 def gemm_into(y, xq, xs, wq, ws, bias, cfg) -> None:
@@ -206,7 +215,7 @@ def gemm_into(y, xq, xs, wq, ws, bias, cfg) -> None:
     n = wq.shape[0]
     a_desc, w_desc, y_desc = descriptors(xq, wq, y)
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
-    grid = (min(tiles, torch.cuda.get_device_properties(xq.device).multi_processor_count),)
+    grid = (min(tiles, sla_triton.sm_count(xq.device)),)
     _w8a8_gemm_kernel[grid](a_desc, w_desc, a_desc if y_desc is None else y_desc,  # a_desc: a placeholder, not read
                             xs, ws, y if bias is None else bias, y, m, n, triton.cdiv(k, 128),
                             HAS_BIAS=bias is not None, TMA_STORE=y_desc is not None, enable_fp_fusion=False, **cfg)

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ..quant.int8 import QuantizedInput
-from . import w8a8_gluon
+from . import sla_triton, w8a8_gluon
 from .sla_triton import AUTOTUNE, INTERPRET, _cast, _to_f32, pick_config
 
 try:  # triton >= 3.3: host-side TMA descriptors
@@ -246,7 +246,7 @@ def _tma_ok(*tensors) -> bool:
     """Host-side TMA descriptors need 16-byte aligned bases and row strides."""
     if TensorDescriptor is None:
         return False
-    if not INTERPRET and torch.cuda.get_device_capability(tensors[0].device) < (9, 0):
+    if not INTERPRET and sla_triton.capability(tensors[0].device) < (9, 0):
         return False
     return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) == 1 for t in tensors)
 
