@@ -9,7 +9,8 @@
     parts), our SageSLA-class (int8 QK + fp8 V, and int8 QK + bf16 V).
 (c) W8A8 linear at M=32760, (K,N) in (1536,1536) (1536,8960) (8960,1536) (5120,13824):
     activation quant + int8 GEMM (bit-exact; every config checked at full size; and each part) vs
-    bf16 F.linear (cuBLAS); plus bf16 cuBLAS TFLOP/s at 8192^3.
+    bf16 F.linear (cuBLAS); plus bf16 cuBLAS TFLOP/s at 8192^3; and the FFN hidden state's GELU +
+    quantisation in one pass vs torch's GELU then the quantisation (1.3B and 14B pass sizes).
 (d) the DiT block's row-wise glue at 1.3B-480p (L=32760, D=1536) and 14B-720p (L=75600,
     D=5120): norm1 + AdaLN, gated residual + norm3, residual + norm2 + AdaLN, gated FFN
     residual, as the block's torch ops and as the fused Triton kernel (residual sums
@@ -322,6 +323,29 @@ def w8a8_case(m, kdim, n, rep):
     torch.cuda.empty_cache()
 
 
+def gelu_quant_case(m, k, rep):
+    """The FFN hidden state's GELU + activation quantisation: one pass vs torch's GELU then the
+    quantisation (codes compared with those of torch's GELU)."""
+    from turbo_core.kernels import w8a8_triton
+
+    g = torch.Generator(device=DEV).manual_seed(3)
+    h = (2 * torch.randn(m, k, device=DEV, generator=g)).to(torch.bfloat16)
+    case = f"GELU + quant M={m} K={k}"
+    q, s = w8a8_triton.quantize_act(h, gelu=True)
+    rq, rs = w8a8_triton.quantize_act(F.gelu(h, approximate="tanh"))
+    diff = (q.int() - rq.int()).abs()
+    CHECKS[case] = dict(codes_max_diff=int(diff.max()), codes_differing=int((diff > 0).sum()),
+                        scales_equal=bool(torch.equal(s, rs)))
+    log(f"check {case}: {CHECKS[case]}")
+    base = record(case, "torch GELU, then quant", bench_ms(
+        lambda: w8a8_triton.quantize_act(F.gelu(h, approximate="tanh")), rep))
+    record(case, "GELU + quant (one pass)", bench_ms(lambda: w8a8_triton.quantize_act(h, gelu=True), rep),
+           baseline_ms=base)
+    record(case, "  copy of the input (floor)", bench_ms(lambda: h.clone(), rep))
+    del h, q, rq
+    torch.cuda.empty_cache()
+
+
 def block_ops_case(name, n, d, rep):
     from turbo_core.kernels import residual_norm_triton as rn
     from turbo_core.models.dit import LayerNorm
@@ -437,6 +461,10 @@ def main():
             for kdim, n in [(1536, 1536), (1536, 8960), (8960, 1536), (5120, 13824)]:
                 w8a8_case(32760 // small, kdim // small, n // small, args.rep)
                 dump()
+            gelu_quant_case(32760 // small, 8960 // small, args.rep)
+            if not args.skip_14b:
+                gelu_quant_case(16384 // small, 13824 // small, args.rep)
+            dump()
             if not args.smoke:
                 cublas_peak(args.rep)
         if args.only in (None, "ops"):
