@@ -50,7 +50,7 @@ def rank_main(args) -> None:
 
     sp = init_from_env()
     n = 1 if sp is None else sp.world_size
-    dev = sp.device if sp is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = sp.device if sp is not None else torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     cfg = MODELS[args.model]
