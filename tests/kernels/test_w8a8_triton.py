@@ -98,14 +98,21 @@ def test_gemm_fp32_accumulator_is_one_fma_per_k_tile():
     assert not torch.equal(y, acc)
 
 
-def test_int8_linear_module_uses_the_kernel(monkeypatch):
-    monkeypatch.setattr(Int8Linear, "kernel", w8a8_triton.W8A8Kernel())
-    layer = Int8Linear(256, 200)
-    qw, sw = quantize_int8(torch.randn(200, 256) / 16)
+def _int8_layer(k, n, mode="w8a8"):
+    """An Int8Linear(k, n) with random int8 weights and bias."""
+    layer = Int8Linear(k, n)
+    qw, sw = quantize_int8(torch.randn(n, k) / 16)
     layer.int8_weight.copy_(qw)
     layer.scale.copy_(sw)
-    layer.bias.data.copy_(torch.randn(200) * 0.1)
-    layer.mode = "w8a8"
+    layer.bias.data.copy_(torch.randn(n) * 0.1)
+    layer.mode = mode
+    return layer
+
+
+def test_int8_linear_module_uses_the_kernel(monkeypatch):
+    monkeypatch.setattr(Int8Linear, "kernel", w8a8_triton.W8A8Kernel())
+    layer = _int8_layer(256, 200)
+    qw, sw = layer.int8_weight, layer.scale
     x = torch.randn(2, 70, 256).to(torch.bfloat16)
     assert Int8Linear.kernel.supports(x)
     assert not Int8Linear.kernel.supports(x.float())
@@ -122,13 +129,7 @@ def test_shared_input_quantizes_once_for_several_layers(monkeypatch):
     monkeypatch.setattr(Int8Linear, "kernel", w8a8_triton.W8A8Kernel())
     layers = []
     for n in (200, 256, 130):  # q/k/v-like layers reading one input
-        layer = Int8Linear(256, n)
-        qw, sw = quantize_int8(torch.randn(n, 256) / 16)
-        layer.int8_weight.copy_(qw)
-        layer.scale.copy_(sw)
-        layer.bias.data.copy_(torch.randn(n) * 0.1)
-        layer.mode = "w8a8"
-        layers.append(layer)
+        layers.append(_int8_layer(256, n))
     x = torch.randn(2, 150, 256).to(torch.bfloat16)  # 300 rows: a partial 128-row tile
     quant_launches = []
     real = w8a8_triton.quantize_act
@@ -194,12 +195,8 @@ def test_gelu_quantize_is_torch_gelu_then_quantize(dtype):
 def test_ffn_hidden_state_is_quantised_with_its_gelu(monkeypatch):
     from turbo_core.quant.int8 import QuantizedInput, shared_input
 
-    layer = Int8Linear(200, 96)
-    qw, sw = quantize_int8(torch.randn(96, 200) / 16)
-    layer.int8_weight.copy_(qw)
-    layer.scale.copy_(sw)
-    layer.bias.data.copy_(torch.randn(96) * 0.1)
-    layer.mode = "w8a8"
+    layer = _int8_layer(200, 96)
+    qw, sw = layer.int8_weight, layer.scale
     h = (torch.randn(2, 150, 200) * 2).to(torch.bfloat16)
     gelu = torch.nn.functional.gelu(h, approximate="tanh")
     expect = w8a8_linear_reference(gelu, qw, sw, layer.bias)
