@@ -89,6 +89,8 @@ def capability(device=None) -> tuple[int, int]:
 def sm_count(device=None) -> int:
     """Streaming multiprocessors of the CUDA GPU (cached, as `capability`)."""
     return _device_facts(_index(device))[1]
+
+
 # TURBO_KERNELS_AUTOTUNE=0 -> always the first (default) config, no timing on first call.
 AUTOTUNE = os.environ.get("TURBO_KERNELS_AUTOTUNE", "1") != "0" and not INTERPRET
 
