@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import dense_attention, ensure_kernels, self_attention
-from ..quant.int8 import Int8Linear, choose_mode, run_eager, shared_input
+from ..quant.int8 import Int8Linear, choose_mode, compiling, run_eager, shared_input
 
 log = logging.getLogger("turbo_core")
 
@@ -223,7 +223,7 @@ class CrossAttention(nn.Module):
         b = x.shape[0]
         q = self.q(x)
         fused = SelfAttention.fused_norm_rope  # its kernel also does the plain RMSNorm, in one pass
-        if fused is not None and fused.supports(q) and not _compiling():  # compiled: inductor fuses it
+        if fused is not None and fused.supports(q) and not compiling():  # compiled: inductor fuses it
             q = fused.rms_norm(q, self.norm_q.weight, self.norm_q.eps)
         else:
             q = self.norm_q(q)
@@ -239,12 +239,6 @@ class CrossAttention(nn.Module):
 # of 16384 tokens hold ~1.1 GiB. A multiple of 128, so W8A8 activation tiles (128
 # rows) are unchanged by the split. 0 = one pass.
 FFN_CHUNK = 16384
-
-
-def _compiling() -> bool:
-    """Inside torch.compile tracing (torch.compiler.is_compiling is torch >= 2.3)."""
-    probe = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
-    return probe()
 
 
 class Block(nn.Module):
@@ -293,7 +287,7 @@ class Block(nn.Module):
     def _fused(self, x):
         """The fused row kernels when they apply to x (eager CUDA blocks), else None."""
         fused = type(self).fused_ops
-        if fused is None or not fused.supports(x) or _compiling():
+        if fused is None or not fused.supports(x) or compiling():
             return None
         return fused
 
@@ -430,17 +424,16 @@ class WanDiT(nn.Module):
             return self._graphed(x, timestep, context, y, attention, sla_topk)
         return self._forward(x, timestep, context, y, attention, sla_topk)
 
-    # -- CUDA graphs: a 1.3B-480p step launches ~1000 kernels from Python, and the CPU's ~6 ms
-    # per block of launches is as long as the GPU's work (H100), so the GPU waits on it.
+    # -- CUDA graphs: a 1.3B-480p step launches ~1000 kernels from Python, ~4 ms of CPU per block
+    # against ~6 ms of GPU work (H100): the launches are what a replay saves.
 
     def set_cuda_graphs(self, on: bool) -> None:
         """Replay each step as one CUDA graph (CUDA only; not with sequence parallel): the first
         call with new input shapes runs eagerly (compiles, autotunes, the int8 choice), the second
         captures, later ones copy their inputs in and replay. Costs the step's activation memory,
-        held until the shapes change, the weights move or this is switched off. For steps whose
-        launches outlast their GPU work: H100, 1.3B-480p int8 0.188 s vs 0.205-0.211 s eager (bf16,
-        GPU-bound: no gain); 14B-720p int8 3.55 s and 33 GiB reserved vs 3.09 s and 18.4 GiB eager,
-        so it is off by default (bench/RESULTS.md)."""
+        held until the shapes change, the weights move or this is switched off. H100: 1.3B-480p
+        int8 0.181 s vs 0.187 s eager (bf16, GPU-bound: no gain); 14B-720p int8 3.55 s and 33 GiB
+        reserved vs 3.09 s and 18.4 GiB eager, so it is off by default (bench/RESULTS.md)."""
         self.cuda_graphs = bool(on)
         if not on:
             self.release_graphs()
