@@ -33,9 +33,9 @@ FMA), i.e. 2/128 SM issue cycles against 128 MACs at 4096 int8 MAC/cycle (1/32
 cycle): half the MMA time, so this kernel stays near bf16 cuBLAS speed on an
 H100 (bench/RESULTS.md has the variants tried).
 
-Interpreter: int8 dots are exact there; rint is done with the 1.5*2^23 trick
-(libdevice is not available) and bf16 outputs are rounded with an explicit RNE
-(its own cast truncates).
+Rounding to int8 is the 1.5*2^23 trick everywhere (`_int8_code`: adds and a bit cast, no
+conversion instructions). Interpreter: int8 dots are exact there, and bf16 outputs are
+rounded with an explicit RNE (its own cast truncates).
 """
 from __future__ import annotations
 
@@ -54,11 +54,6 @@ try:  # triton >= 3.3: host-side TMA descriptors
 except ImportError:  # pragma: no cover - older triton: pointer loads only
     TensorDescriptor = None
 
-try:  # triton >= 3.1
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover - older triton
-    from triton.language.extra.cuda import libdevice
-
 log = logging.getLogger("turbo_core")
 
 TILE = 128
@@ -74,9 +69,12 @@ TANH_SATURATE = tl.constexpr(8.664339742)  # torch's CPU tanh (Sleef) returns +-
 def _gelu_tanh(x, INTERPRET: tl.constexpr):
     """fp32 x -> GELU(approximate="tanh") = 0.5 x (1 + tanh(u)), u = beta (x + kappa x^3).
 
-    GPU: as x * sigmoid(2u) = x / (1 + 2^(-2u log2 e)) -- one ex2 and one division,
+    GPU: as x * sigmoid(2u) = x * rcp(1 + 2^(-2u log2 e)) -- one ex2 and one MUFU reciprocal,
     within a few fp32 ulps of torch's value (libdevice's tanhf made the fused pass
     compute-bound: slower than torch's GELU plus a separate quantisation, RESULTS session 6).
+    The reciprocal is rcp.approx itself: `/` (div.full) is the same product for 1 + e < 2^126
+    but adds a range check: 445 us for the pass at 32760 x 8960 against 348 us with this (H100,
+    RESULTS.md session 8); beyond 2^126 this gives torch's -0.0, not a tiny x/(1+e).
     Interpreter: tanh in fp64, saturated where torch's CPU tanh is -- bit-identical to torch's
     CPU GELU on every finite bf16 and fp16 input (tests check it exhaustively)."""
     inner = GELU_BETA * tl.fma(x * x * x, GELU_KAPPA, x)
@@ -85,9 +83,24 @@ def _gelu_tanh(x, INTERPRET: tl.constexpr):
         t = (1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)).to(tl.float32)
         t = tl.where(tl.abs(inner) > TANH_SATURATE, tl.where(inner > 0, 1.0, -1.0), t)
         g = 0.5 * x * (1.0 + t)
-    else:
-        g = x / (1.0 + tl.exp2(inner * -2.8853900817779268))  # -2 log2(e): exp(-2u); inf -> -0.0 as torch
+    else:  # -2 log2(e): exp(-2u); 1 / inf = 0 -> -0.0 as torch
+        e = tl.exp2(inner * -2.8853900817779268)
+        g = x * tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
+                                          is_pure=True, pack=1)
     return g
+
+
+@triton.jit
+def _int8_code(y):
+    """fp32 y -> int8 rint(y) (half to even) saturated to [-128, 127], with full-rate ALU ops only.
+
+    Clamping first is the same (the bounds are integers); then y + 1.5*2^23 lands on the integer
+    grid (ulp 1 there: the add rounds half to even) and its bit pattern is 0x4B400000 + code, so
+    the low byte is the two's-complement code. libdevice's rint and the float -> int8 convert
+    are conversion instructions, slower on sm90: the GELU pass took 511 us with them, 445 us
+    with this (32760 x 8960, H100, RESULTS.md session 8)."""
+    r = tl.minimum(tl.maximum(y, -128.0), 127.0) + 12582912.0
+    return r.to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -103,13 +116,7 @@ def _act_quant_kernel(X, XQ, XS, M, K, KT, sxm,
         x = _to_f32(_cast(_gelu_tanh(x, INTERPRET), X.dtype.element_ty, INTERPRET), INTERPRET)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-8)
     mult = tl.math.div_rn(128.0, amax)
-    y = x * mult
-    if INTERPRET:
-        r = (y + 12582912.0) - 12582912.0  # round half to even for |y| < 2^22
-    else:
-        r = libdevice.rint(y)
-    r = tl.minimum(tl.maximum(r, -128.0), 127.0)
-    tl.store(XQ + rows[:, None].to(tl.int64) * K + cols[None, :], r.to(tl.int8), mask=mask)
+    tl.store(XQ + rows[:, None].to(tl.int64) * K + cols[None, :], _int8_code(x * mult), mask=mask)
     tl.store(XS + pm * KT + pk, amax * 0.0078125)
 
 
