@@ -156,3 +156,13 @@ def test_matches_torch_layer_norm_statistics():
     out = rn.norm_modulate(x, zero, zero, 1e-3)
     ref = F.layer_norm(x.double(), (640,), eps=1e-3).float()
     assert float((out - ref).abs().max()) <= 2e-6 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("chunk", [64, 128])
+@pytest.mark.parametrize("shape", [(1, 5, 320), (2, 3, 256), (1, 2, 200)], ids=str)
+def test_row_chunked_kernel_matches_torch(shape, chunk, monkeypatch):
+    """The kernel for wide rows (14B: D = 5120), one row per program in chunks: same checks,
+    D a multiple of the chunk or not."""
+    monkeypatch.setattr(rn, "_launch_shape", lambda d: (1, 1, chunk))
+    test_block_ops_match_torch(shape, torch.bfloat16)
+    test_block_ops_match_torch(shape, torch.float32)

@@ -25,7 +25,7 @@ The residual sums are therefore bit-identical to torch; the norms can differ by
 one ulp on a few elements (another fp32 summation order).
 
 Layout: one program per token row (32 in the interpreter), the row held as one
-[next_pow2(D)] tile. Rows
+[next_pow2(D)] tile, or read in chunks of 1024 (three passes) when D > 2048. Rows
 are addressed through batch and token strides (the FFN's chunked residual writes
 into a slice of its output); the last dim must have unit stride. Offsets are
 int64. shift / scale / gate are [B, 1, D] fp32 views (chunks of the modulation)
@@ -84,21 +84,100 @@ def _residual_norm_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
         tl.store(NRM + r[:, None] * D + cols, _cast(z, dt, INTERPRET), mask=mask)
 
 
+@triton.jit
+def _row_sum(X, Y, G, O, b, l, cols, mask, sxb, sxl, syb, syl, sob, sol, sgb, dt: tl.constexpr,
+             ADD: tl.constexpr, GATE: tl.constexpr, WRITE_SUM: tl.constexpr, INTERPRET: tl.constexpr):
+    """One chunk of a row: x (+ y * gate, rounded as `_residual_norm_kernel` does) as fp32, 0 past D."""
+    x = tl.load(X + b * sxb + l * sxl + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        y = tl.load(Y + b * syb + l * syl + cols, mask=mask, other=0.0).to(tl.float32)
+        if GATE:
+            g = _cast(tl.load(G + b * sgb + cols, mask=mask, other=0.0), dt, INTERPRET).to(tl.float32)
+            y = _cast(y * g, dt, INTERPRET).to(tl.float32)
+        x = _cast(x + y, dt, INTERPRET).to(tl.float32)
+        if WRITE_SUM:
+            tl.store(O + b * sob + l * sol + cols, x.to(dt), mask=mask)
+    return x
+
+
+@triton.jit(do_not_specialize=["M", "L", "D", "sxb", "sxl", "syb", "syl", "sob", "sol", "sgb", "ssb", "stb"])
+def _residual_norm_chunked_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
+                                  sxb, sxl, syb, syl, sob, sol, sgb, ssb, stb, eps,
+                                  CHUNK: tl.constexpr, ADD: tl.constexpr, GATE: tl.constexpr,
+                                  WRITE_SUM: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr):
+    """`_residual_norm_kernel`'s math for one row, in chunks of CHUNK columns: pass 1 makes (and
+    writes) the sum and its total, pass 2 the centred squares, pass 3 the normed row, each pass
+    reading the row again (the sum from O where it was written; L1/L2 hits). A whole D = 5120
+    row padded to 8192 held ~64 fp32 per thread per tensor: few programs per SM, ~55% of the
+    memory bandwidth (14B-720p); chunks hold a few registers and waste no lanes."""
+    r = tl.program_id(0).to(tl.int64)
+    b = r // L
+    l = r % L
+    dt = O.dtype.element_ty
+    offs = tl.arange(0, CHUNK)
+    part = tl.zeros([CHUNK], tl.float32)
+    for c0 in range(0, D, CHUNK):
+        cols = c0 + offs
+        x = _row_sum(X, Y, G, O, b, l, cols, cols < D, sxb, sxl, syb, syl, sob, sol, sgb, dt,
+                     ADD, GATE, WRITE_SUM, INTERPRET)
+        part += x
+    if NORM != 0:
+        mean = tl.sum(part, 0) / D
+        # the sum again: as written (exact), or recomputed where it was not
+        if WRITE_SUM:
+            RX, rxb, rxl = O, sob, sol
+        else:
+            RX, rxb, rxl = X, sxb, sxl
+        READD: tl.constexpr = ADD and not WRITE_SUM
+        part = tl.zeros([CHUNK], tl.float32)
+        for c0 in range(0, D, CHUNK):
+            cols = c0 + offs
+            x = _row_sum(RX, Y, G, O, b, l, cols, cols < D, rxb, rxl, syb, syl, sob, sol, sgb, dt,
+                         READD, GATE, False, INTERPRET)
+            xc = tl.where(cols < D, x - mean, 0.0)
+            part += xc * xc
+        var = tl.sum(part, 0) / D
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+        for c0 in range(0, D, CHUNK):
+            cols = c0 + offs
+            mask = cols < D
+            x = _row_sum(RX, Y, G, O, b, l, cols, mask, rxb, rxl, syb, syl, sob, sol, sgb, dt,
+                         READD, GATE, False, INTERPRET)
+            z = (x - mean) * rstd
+            if NORM == 2:
+                w = tl.load(W + cols, mask=mask, other=0.0)
+                bias = tl.load(BI + cols, mask=mask, other=0.0)
+                z = z * w + bias
+            if NORM == 3:
+                z = _cast(z, dt, INTERPRET).to(tl.float32)
+                sh = tl.load(SH + b * ssb + cols, mask=mask, other=0.0)
+                sc = tl.load(SC + b * stb + cols, mask=mask, other=0.0)
+                z = sh + z * (1.0 + sc)
+            tl.store(NRM + r * D + cols, _cast(z, dt, INTERPRET), mask=mask)
+
+
 def supports(x: torch.Tensor) -> bool:
     """True when the kernels can take x [B, L, D]: a CUDA tensor (or the interpreter) in bf16/fp16/fp32."""
     return (x.is_cuda or INTERPRET) and x.dim() == 3 and x.dtype in _DTYPES and x.shape[-1] <= 16384
 
 
-def _launch_shape() -> tuple[int, int]:
-    """(rows per program, warps). H100, bf16, us for norm1+AdaLN / add+norm3 / add+norm2+AdaLN /
-    gated add at 1.3B-480p (D=1536) and 14B-720p (D=5120) [a copy of x: 72 / 515 us]:
-      1 row, 4 warps   102 201 151 113  |  981 1920 1341 1258
-      1 row, 8 warps   118 206 157 110  |  931 2441 1326 1314
-      2 rows, 4 warps  117 216 171 111  | 1730 1863 2555 1220
-    (2 warps, 16 warps, 4 rows: slower). The interpreter pays per program: many rows each."""
+def _launch_shape(d: int) -> tuple[int, int, int]:
+    """(rows per program, warps, chunk: 0 = the whole row as one tile). H100, bf16, us for
+    norm1+AdaLN / add+norm3 / add+norm2+AdaLN / gated add at 1.3B-480p (D=1536) and 14B-720p
+    (D=5120) [a copy of x: 72 / 516 us] (session 8, one run):
+      whole row, 1 row, 4 warps       106 205 152 119  | 1029 1994 1357 1261
+      whole row, 1 row, 8 warps       120 208 159 110  |  966 2409 1340 1332
+      chunks of 512, 4 warps          116 193 180 113  |  775 1463 1437  837
+      chunks of 1024, 4 warps         150 209 204 114  |  802 1321 1301  834
+      chunks of 2048, 4 warps         166 230 225 118  |  973 1454 1441  854
+    (session 4: 2 rows per program, 2 or 16 warps: slower.) A D = 1536 row fits a thread's
+    registers (16 values per tensor) and is read once; past 2048 the chunks win. The
+    interpreter pays per program: many rows each."""
     if INTERPRET:
-        return 32, 1
-    return 1, 4
+        return 32, 1, 0
+    if d > 2048:
+        return 1, 4, 1024
+    return 1, 4, 0
 
 
 def _row_view(t: torch.Tensor) -> torch.Tensor:
@@ -140,21 +219,24 @@ def _launch(x, y, gate, out, norm, weight, bias, shift, scale, eps):
     if b * n == 0:
         return out, nrm
     dummy = x
-    block_d = triton.next_power_of_2(d)
-    rows, warps = _launch_shape()
-    _residual_norm_kernel[(triton.cdiv(b * n, rows),)](
-        x, dummy if y is None else y, dummy if gate is None else gate, dummy if out is None else out,
-        dummy if nrm is None else nrm, dummy if weight is None else weight, dummy if bias is None else bias,
-        dummy if shift is None else shift, dummy if scale is None else scale, b * n, n, d,
-        x.stride(0), x.stride(1), *(y.stride()[:2] if y is not None else (0, 0)),
-        *(out.stride()[:2] if out is not None else (0, 0)),
-        gate.stride(0) if gate is not None else 0, shift.stride(0) if shift is not None else 0,
-        scale.stride(0) if scale is not None else 0, float(eps),
-        ROWS=rows, BLOCK_D=block_d, ADD=y is not None, GATE=gate is not None, WRITE_SUM=out is not None,
-        NORM=norm, INTERPRET=INTERPRET, num_warps=warps,
-        # no FMA contraction: LLVM narrows `x + bf16(y * g)` to bf16 ops and fuses them into one
-        # fma.rn.bf16, dropping the product's rounding (18% of the sums differed from torch)
-        **({} if INTERPRET else {"enable_fp_fusion": False}))
+    rows, warps, chunk = _launch_shape(d)
+    args = (x, dummy if y is None else y, dummy if gate is None else gate, dummy if out is None else out,
+            dummy if nrm is None else nrm, dummy if weight is None else weight, dummy if bias is None else bias,
+            dummy if shift is None else shift, dummy if scale is None else scale, b * n, n, d,
+            x.stride(0), x.stride(1), *(y.stride()[:2] if y is not None else (0, 0)),
+            *(out.stride()[:2] if out is not None else (0, 0)),
+            gate.stride(0) if gate is not None else 0, shift.stride(0) if shift is not None else 0,
+            scale.stride(0) if scale is not None else 0, float(eps))
+    flags = dict(ADD=y is not None, GATE=gate is not None, WRITE_SUM=out is not None, NORM=norm, INTERPRET=INTERPRET,
+                 num_warps=warps,
+                 # no FMA contraction: LLVM narrows `x + bf16(y * g)` to bf16 ops and fuses them into one
+                 # fma.rn.bf16, dropping the product's rounding (18% of the sums differed from torch)
+                 **({} if INTERPRET else {"enable_fp_fusion": False}))
+    if chunk:
+        _residual_norm_chunked_kernel[(b * n,)](*args, CHUNK=chunk, **flags)
+    else:
+        _residual_norm_kernel[(triton.cdiv(b * n, rows),)](*args, ROWS=rows, BLOCK_D=triton.next_power_of_2(d),
+                                                           **flags)
     return out, nrm
 
 
