@@ -123,17 +123,16 @@ def _residual_norm_chunked_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
         part += x
     if NORM != 0:
         mean = tl.sum(part, 0) / D
-        # the sum again: as written (exact), or recomputed where it was not
-        if WRITE_SUM:
+        # the row again: the sum as written (exact; every add here writes its sum), or x
+        if ADD:
             RX, rxb, rxl = O, sob, sol
         else:
             RX, rxb, rxl = X, sxb, sxl
-        READD: tl.constexpr = ADD and not WRITE_SUM
         part = tl.zeros([CHUNK], tl.float32)
         for c0 in range(0, D, CHUNK):
             cols = c0 + offs
             x = _row_sum(RX, Y, G, O, b, l, cols, cols < D, rxb, rxl, syb, syl, sob, sol, sgb, dt,
-                         READD, GATE, False, INTERPRET)
+                         False, GATE, False, INTERPRET)
             xc = tl.where(cols < D, x - mean, 0.0)
             part += xc * xc
         var = tl.sum(part, 0) / D
@@ -142,7 +141,7 @@ def _residual_norm_chunked_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
             cols = c0 + offs
             mask = cols < D
             x = _row_sum(RX, Y, G, O, b, l, cols, mask, rxb, rxl, syb, syl, sob, sol, sgb, dt,
-                         READD, GATE, False, INTERPRET)
+                         False, GATE, False, INTERPRET)
             z = (x - mean) * rstd
             if NORM == 2:
                 w = tl.load(W + cols, mask=mask, other=0.0)
@@ -204,6 +203,8 @@ def _launch(x, y, gate, out, norm, weight, bias, shift, scale, eps):
     b, n, d = x.shape
     x = _row_view(x)
     if y is not None:
+        if out is None:  # the chunked kernel reads the written sum back
+            raise ValueError("residual_norm: an add needs its output tensor")
         if y.shape != x.shape:
             raise ValueError(f"residual_norm: y {tuple(y.shape)} must match x {tuple(x.shape)}")
         y = _row_view(y)
