@@ -46,6 +46,41 @@ NORM_NONE, NORM_PLAIN, NORM_AFFINE, NORM_MODULATE = 0, 1, 2, 3
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+@triton.jit
+def _row_sum(X, Y, G, O, b, l, cols, mask, sxb, sxl, syb, syl, sob, sol, sgb, dt: tl.constexpr,
+             ADD: tl.constexpr, GATE: tl.constexpr, WRITE_SUM: tl.constexpr, INTERPRET: tl.constexpr):
+    """x (+ y * gate) of rows b * L + l, columns cols, as fp32 (0 where masked): y * gate and the
+    sum each rounded to dt, the gate first rounded to dt, as torch's ops in dt; the sum written
+    to O when WRITE_SUM (exact: it is already rounded)."""
+    x = tl.load(X + b * sxb + l * sxl + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        y = tl.load(Y + b * syb + l * syl + cols, mask=mask, other=0.0).to(tl.float32)
+        if GATE:  # gate.to(dtype), then y * gate rounded to dtype
+            g = _cast(tl.load(G + b * sgb + cols, mask=mask, other=0.0), dt, INTERPRET).to(tl.float32)
+            y = _cast(y * g, dt, INTERPRET).to(tl.float32)
+        x = _cast(x + y, dt, INTERPRET).to(tl.float32)
+        if WRITE_SUM:
+            tl.store(O + b * sob + l * sol + cols, x.to(dt), mask=mask)
+    return x
+
+
+@triton.jit
+def _norm_out(z, W, BI, SH, SC, b, cols, mask, ssb, stb, dt: tl.constexpr, NORM: tl.constexpr,
+              INTERPRET: tl.constexpr):
+    """The normed values z = (x - mean) * rstd -> the norm's output in dt: affine in fp32 (NORM 2),
+    or rounded to dt (the norm returns dtype) then AdaLN-modulated in fp32 (NORM 3)."""
+    if NORM == 2:
+        w = tl.load(W + cols, mask=mask, other=0.0)
+        bias = tl.load(BI + cols, mask=mask, other=0.0)
+        z = z * w + bias
+    if NORM == 3:
+        z = _cast(z, dt, INTERPRET).to(tl.float32)
+        sh = tl.load(SH + b * ssb + cols, mask=mask, other=0.0)
+        sc = tl.load(SC + b * stb + cols, mask=mask, other=0.0)
+        z = sh + z * (1.0 + sc)
+    return _cast(z, dt, INTERPRET)
+
+
 @triton.jit(do_not_specialize=["M", "L", "D", "sxb", "sxl", "syb", "syl", "sob", "sol", "sgb", "ssb", "stb"])
 def _residual_norm_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
                           sxb, sxl, syb, syl, sob, sol, sgb, ssb, stb, eps,
@@ -57,47 +92,15 @@ def _residual_norm_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
     cols = tl.arange(0, BLOCK_D)[None, :]
     mask = (r < M)[:, None] & (cols < D)
     dt = O.dtype.element_ty
-    x = tl.load(X + b * sxb + l * sxl + cols, mask=mask, other=0.0).to(tl.float32)
-    if ADD:
-        y = tl.load(Y + b * syb + l * syl + cols, mask=mask, other=0.0).to(tl.float32)
-        if GATE:  # gate.to(dtype), then y * gate rounded to dtype
-            g = _cast(tl.load(G + b * sgb + cols, mask=mask, other=0.0), dt, INTERPRET).to(tl.float32)
-            y = _cast(y * g, dt, INTERPRET).to(tl.float32)
-        x = _cast(x + y, dt, INTERPRET).to(tl.float32)
-        if WRITE_SUM:
-            tl.store(O + b * sob + l * sol + cols, x.to(dt), mask=mask)  # exact: x is already rounded
+    x = _row_sum(X, Y, G, O, b, l, cols, mask, sxb, sxl, syb, syl, sob, sol, sgb, dt, ADD, GATE, WRITE_SUM, INTERPRET)
     if NORM != 0:
         mean = tl.sum(x, 1)[:, None] / D
         xc = tl.where(mask, x - mean, 0.0)
         var = tl.sum(xc * xc, 1)[:, None] / D
         # correctly rounded sqrt and divide, as torch's CPU path (once per row: free)
         z = xc * tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
-        if NORM == 2:  # affine LayerNorm in fp32
-            w = tl.load(W + cols, mask=cols < D, other=0.0)
-            bias = tl.load(BI + cols, mask=cols < D, other=0.0)
-            z = z * w + bias
-        if NORM == 3:  # the norm returns dtype; AdaLN modulation in fp32
-            z = _cast(z, dt, INTERPRET).to(tl.float32)
-            sh = tl.load(SH + b * ssb + cols, mask=mask, other=0.0)
-            sc = tl.load(SC + b * stb + cols, mask=mask, other=0.0)
-            z = sh + z * (1.0 + sc)
-        tl.store(NRM + r[:, None] * D + cols, _cast(z, dt, INTERPRET), mask=mask)
-
-
-@triton.jit
-def _row_sum(X, Y, G, O, b, l, cols, mask, sxb, sxl, syb, syl, sob, sol, sgb, dt: tl.constexpr,
-             ADD: tl.constexpr, GATE: tl.constexpr, WRITE_SUM: tl.constexpr, INTERPRET: tl.constexpr):
-    """One chunk of a row: x (+ y * gate, rounded as `_residual_norm_kernel` does) as fp32, 0 past D."""
-    x = tl.load(X + b * sxb + l * sxl + cols, mask=mask, other=0.0).to(tl.float32)
-    if ADD:
-        y = tl.load(Y + b * syb + l * syl + cols, mask=mask, other=0.0).to(tl.float32)
-        if GATE:
-            g = _cast(tl.load(G + b * sgb + cols, mask=mask, other=0.0), dt, INTERPRET).to(tl.float32)
-            y = _cast(y * g, dt, INTERPRET).to(tl.float32)
-        x = _cast(x + y, dt, INTERPRET).to(tl.float32)
-        if WRITE_SUM:
-            tl.store(O + b * sob + l * sol + cols, x.to(dt), mask=mask)
-    return x
+        tl.store(NRM + r[:, None] * D + cols, _norm_out(z, W, BI, SH, SC, b, cols, mask, ssb, stb, dt, NORM, INTERPRET),
+                 mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "L", "D", "sxb", "sxl", "syb", "syl", "sob", "sol", "sgb", "ssb", "stb"])
@@ -143,16 +146,8 @@ def _residual_norm_chunked_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
             x = _row_sum(RX, Y, G, O, b, l, cols, mask, rxb, rxl, syb, syl, sob, sol, sgb, dt,
                          False, GATE, False, INTERPRET)
             z = (x - mean) * rstd
-            if NORM == 2:
-                w = tl.load(W + cols, mask=mask, other=0.0)
-                bias = tl.load(BI + cols, mask=mask, other=0.0)
-                z = z * w + bias
-            if NORM == 3:
-                z = _cast(z, dt, INTERPRET).to(tl.float32)
-                sh = tl.load(SH + b * ssb + cols, mask=mask, other=0.0)
-                sc = tl.load(SC + b * stb + cols, mask=mask, other=0.0)
-                z = sh + z * (1.0 + sc)
-            tl.store(NRM + r * D + cols, _cast(z, dt, INTERPRET), mask=mask)
+            tl.store(NRM + r * D + cols, _norm_out(z, W, BI, SH, SC, b, cols, mask, ssb, stb, dt, NORM, INTERPRET),
+                     mask=mask)
 
 
 def supports(x: torch.Tensor) -> bool:

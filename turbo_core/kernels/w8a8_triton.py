@@ -47,7 +47,7 @@ import triton.language as tl
 
 from ..quant.int8 import QuantizedInput
 from . import sla_triton, w8a8_gluon
-from .sla_triton import AUTOTUNE, INTERPRET, _cast, _to_f32, pick_config
+from .sla_triton import AUTOTUNE, INTERPRET, _cast, _int8_code, _to_f32, pick_config
 
 try:  # triton >= 3.3: host-side TMA descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -88,19 +88,6 @@ def _gelu_tanh(x, INTERPRET: tl.constexpr):
         g = x * tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
                                           is_pure=True, pack=1)
     return g
-
-
-@triton.jit
-def _int8_code(y):
-    """fp32 y -> int8 rint(y) (half to even) saturated to [-128, 127], with full-rate ALU ops only.
-
-    Clamping first is the same (the bounds are integers); then y + 1.5*2^23 lands on the integer
-    grid (ulp 1 there: the add rounds half to even) and its bit pattern is 0x4B400000 + code, so
-    the low byte is the two's-complement code. libdevice's rint and the float -> int8 convert
-    are conversion instructions, slower on sm90: the GELU pass took 511 us with them, 445 us
-    with this (32760 x 8960, H100, RESULTS.md session 8)."""
-    r = tl.minimum(tl.maximum(y, -128.0), 127.0) + 12582912.0
-    return r.to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit(do_not_specialize=["M"])
