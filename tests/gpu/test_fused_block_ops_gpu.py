@@ -56,3 +56,31 @@ def test_fused_kernels_leave_an_fp32_dit_unchanged(monkeypatch):
     monkeypatch.setattr(SelfAttention, "fused_norm_rope", None)
     plain = model(x, t, ctx)
     assert rel_l2(fused, plain) <= 1e-4
+
+
+def test_int8_dit_residual_adds_in_the_gemm_epilogue(monkeypatch):
+    """Int8 blocks on the GPU, one batch row: the output projections and ffn.2 add the
+    residual in the W8A8 GEMM's epilogue (Gluon or Triton, whichever the autotuner keeps), bit-
+    identical to the reference W8A8 layers followed by the fused add + norm kernels."""
+    from turbo_core import kernels
+    from turbo_core.kernels import w8a8_triton
+    from turbo_core.quant.int8 import Int8Linear
+    from turbo_core.tiny import quantize_state_dict
+
+    assert kernels.install()
+    # 2 blocks of 1.3B-like widths (dim 1280: no known variant, so the loader does not ask for 30 blocks)
+    sd = quantize_state_dict(tiny_dit_state_dict(dim=1280, layers=2, ffn_dim=8960, text_dim=4096, seed=8))
+    model = dit_from_state_dict(sd, device="cuda", dtype="bf16", linear="w8a8")
+    model.set_ffn_chunk(2048)  # 4680 tokens: passes of 1664 rows written into the output
+    g = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(1, 16, 3, 60, 104, device="cuda", generator=g)
+    ctx = torch.randn(1, 512, 4096, device="cuda", generator=g)
+    t = torch.tensor([700.0], device="cuda")
+    adds = []
+    real = w8a8_triton.w8a8_gemm
+    monkeypatch.setattr(w8a8_triton, "w8a8_gemm", lambda *a, **kw: adds.append(kw["residual"] is not None)
+                        or real(*a, **kw))
+    fused = model(x, t, ctx, attention="sagesla")
+    assert sum(adds) == 2 * (2 + 3)
+    monkeypatch.setattr(Int8Linear, "kernel", None)  # the reference W8A8 math, then fused add + norm
+    assert torch.equal(fused, model(x, t, ctx, attention="sagesla"))

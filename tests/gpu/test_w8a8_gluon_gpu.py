@@ -41,6 +41,33 @@ def test_every_gluon_config_equals_triton_and_reference(m, k, n):
             assert torch.equal(y, tri), (m, k, n, dtype, cfg)
 
 
+@pytest.mark.parametrize("m,k,n", [(4000, 1536, 1536), (777, 320, 200), (300, 5120, 13824), (129, 8960, 1536)])
+def test_residual_epilogue_equals_torch_gated_add(m, k, n):
+    """residual + y * gate.to(dtype) from the epilogue (the residual tile TMA-loaded into the output
+    tile's shared memory) == torch's CUDA ops on the GEMM's output, for every config, also into
+    rows of a larger tensor; the Triton kernel the same."""
+    from turbo_core.kernels import w8a8_gluon, w8a8_triton
+    from turbo_core.quant.int8 import quantize_int8
+
+    g = torch.Generator("cuda").manual_seed(m + n)
+    for dtype, gated in [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)]:
+        x = (torch.randn(m, k, device="cuda", generator=g) * 2).to(dtype)
+        qw, sw = quantize_int8(torch.randn(n, k, device="cuda", generator=g) / k ** 0.5)
+        b = (torch.randn(n, device="cuda", generator=g) * 0.1).to(dtype)
+        res = (torch.randn(m, n, device="cuda", generator=g) * 3).to(dtype)
+        gate = torch.randn(1, 1, n, device="cuda", generator=g) if gated else None
+        xq, xs = w8a8_triton.quantize_act(x)
+        y = w8a8_triton.w8a8_gemm(xq, xs, qw, sw, b, dtype, config=w8a8_triton.GEMM_CONFIGS[0])
+        expect = res + y * gate.to(dtype).reshape(n) if gated else res + y
+        for cfg in [w8a8_triton.GEMM_CONFIGS[0], *w8a8_gluon.CONFIGS]:
+            got = w8a8_triton.w8a8_gemm(xq, xs, qw, sw, b, dtype, config=cfg, residual=res, gate=gate)
+            assert torch.equal(got, expect), (m, k, n, dtype, gated, cfg, int((got != expect).sum()))
+        big = torch.full((m + 64, n), 7.0, device="cuda", dtype=dtype)
+        w8a8_triton.w8a8_gemm(xq, xs, qw, sw, b, dtype, config=w8a8_gluon.CONFIGS[0], residual=res, gate=gate,
+                              out=big[64:])
+        assert torch.equal(big[64:], expect) and (big[:64] == 7).all()
+
+
 def test_fp32_output_is_one_fma_per_k_tile():
     from turbo_core.kernels import w8a8_gluon, w8a8_triton
     from turbo_core.quant.int8 import quantize_int8, w8a8_linear_reference

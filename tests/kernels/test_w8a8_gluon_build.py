@@ -3,6 +3,7 @@ its bundled ptxas), with every wgmma left asynchronous and no register spills. G
 interpreter, so this is what CI can check of it; tests/gpu runs it."""
 import inspect
 import os
+import re
 import subprocess
 
 import pytest
@@ -36,21 +37,25 @@ def _compile_sm90(fn, args: dict, **options):
 
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="triton without its bundled ptxas")
 @pytest.mark.parametrize("cfg", w8a8_gluon.CONFIGS, ids=lambda c: f"G{c['GROUP_M']}S{c['STAGES']}")
-@pytest.mark.parametrize("has_bias,tma_store", [(False, True), (True, True), (True, False)])
-def test_gluon_gemm_builds_for_sm90_without_serialised_wgmma_or_spills(cfg, has_bias, tma_store, tmp_path):
+@pytest.mark.parametrize("has_bias,tma_store,residual", [(False, True, None), (True, True, None), (True, False, None),
+                                                         (True, True, "gate"), (False, True, "add")])
+def test_gluon_gemm_builds_for_sm90_without_serialised_wgmma_or_spills(cfg, has_bias, tma_store, residual, tmp_path):
     m, n, k = 1000, 640, 1536
     xq = torch.zeros(m, k, dtype=torch.int8)
     wq = torch.zeros(n, k, dtype=torch.int8)
     scales = torch.zeros(16, dtype=torch.float32)
     y = torch.zeros(m, n, dtype=torch.bfloat16 if tma_store else torch.float32)
-    a_desc, w_desc, y_desc = w8a8_gluon.descriptors(xq, wq, y)
+    r = y.clone() if residual else None
+    a_desc, w_desc, y_desc, r_desc = w8a8_gluon.descriptors(xq, wq, y, r)
     assert (y_desc is not None) == tma_store  # fp32 outputs are stored from registers
+    assert (r_desc is not None) == (tma_store and r is not None)  # a residual comes in by TMA with them
     y_desc = y_desc or a_desc
     launch = {key: v for key, v in cfg.items() if key not in ("GLUON", "maxnreg")}
     kernel = _compile_sm90(
         w8a8_gluon._w8a8_gemm_kernel,
-        dict(a_desc=a_desc, w_desc=w_desc, y_desc=y_desc, AS=scales, WS=scales, BIAS=y, Y=y, M=m, N=n,
-             KT=k // 128, HAS_BIAS=has_bias, TMA_STORE=tma_store, **launch),
+        dict(a_desc=a_desc, w_desc=w_desc, y_desc=y_desc, r_desc=r_desc, AS=scales, WS=scales, BIAS=y,
+             G=scales if residual == "gate" else None, Y=y, M=m, N=n, KT=k // 128, HAS_BIAS=has_bias, TMA_STORE=tma_store,
+             HAS_RES=residual is not None, HAS_GATE=residual == "gate", **launch),
         num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"], enable_fp_fusion=False)
     ptx = tmp_path / "k.ptx"
     ptx.write_text(kernel.asm["ptx"])
@@ -61,4 +66,8 @@ def test_gluon_gemm_builds_for_sm90_without_serialised_wgmma_or_spills(cfg, has_
     assert "C7514" not in out.stderr and "serialized" not in out.stderr, out.stderr  # wgmma stays async
     assert "0 bytes spill stores" in out.stderr, out.stderr
     assert kernel.metadata.shared <= 227 * 1024  # an sm90 block's shared memory
-    assert ("cp.async.bulk.tensor.2d.global.shared" in kernel.asm["ptx"]) == tma_store  # the TMA store
+    ptx_text = kernel.asm["ptx"]
+    assert ("cp.async.bulk.tensor.2d.global.shared" in ptx_text) == tma_store  # the TMA store
+    # the producer's 3 + 1 tile loads, and with a residual one load per consumer warpgroup
+    loads = len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx_text))
+    assert loads == 4 + (w8a8_gluon.CONSUMERS if residual and tma_store else 0), loads

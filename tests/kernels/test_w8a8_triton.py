@@ -79,6 +79,33 @@ def test_gemm_bit_exact_random(shape, n, dtype, has_bias):
     assert torch.equal(y, expect), f"seed {SEED}: max diff {(y.float() - expect.float()).abs().max()}"
 
 
+@pytest.mark.parametrize("m,k,n,dtype,gated", [(200, 256, 136, torch.bfloat16, True), (130, 384, 300, torch.float16, True),
+                                               (65, 128, 256, torch.bfloat16, False)])
+def test_gemm_residual_epilogue_is_the_gated_add(m, k, n, dtype, gated):
+    """residual + y * gate.to(dtype) from the epilogue == torch's ops in dtype on the reference y,
+    bit for bit (each product and sum rounded to dtype), also written into rows of a larger tensor."""
+    g = torch.Generator().manual_seed(SEED + m)
+    x = (torch.randn(m, k, generator=g) * 2).to(dtype)
+    qw, sw = quantize_int8(torch.randn(n, k, generator=g) / k ** 0.5)
+    bias = (torch.randn(n, generator=g) * 0.1).to(dtype)
+    res = (torch.randn(m, n, generator=g) * 3).to(dtype)
+    gate = torch.randn(1, 1, n, generator=g) if gated else None  # fp32, as the modulation's chunks
+    y = w8a8_linear_reference(x, qw, sw, bias)
+    expect = res + y * gate.to(dtype).reshape(n) if gated else res + y
+    xq, xs = w8a8_triton.quantize_act(x)
+    got = w8a8_triton.w8a8_gemm(xq, xs, qw, sw, bias, dtype, residual=res, gate=gate)
+    assert torch.equal(got, expect), f"seed {SEED}: {(got != expect).sum()} differ"
+    if gated:  # the product is rounded before the add: one rounding of r + y * g would differ
+        assert not torch.equal(got, (res.float() + y.float() * gate.to(dtype).float().reshape(n)).to(dtype))
+    big = torch.full((m + 7, n), 5.0, dtype=dtype)
+    w8a8_triton.w8a8_gemm(xq, xs, qw, sw, bias, dtype, residual=res, gate=gate, out=big[3:3 + m])
+    assert torch.equal(big[3:3 + m], expect) and (big[:3] == 5).all() and (big[3 + m:] == 5).all()
+    with pytest.raises(ValueError, match="residual must be"):
+        w8a8_triton.w8a8_gemm(xq, xs, qw, sw, bias, dtype, residual=res.t())
+    with pytest.raises(ValueError, match="gate must be"):
+        w8a8_triton.w8a8_gemm(xq, xs, qw, sw, bias, dtype, gate=torch.ones(n))
+
+
 def test_gemm_fp32_accumulator_is_one_fma_per_k_tile():
     """An fp32 output shows the accumulator itself: each K tile is added with one rounding
     (the official kernel's FFMA), which a separate multiply and add would miss."""
@@ -162,6 +189,39 @@ def test_dit_with_the_kernel_and_shared_inputs_is_bit_exact(monkeypatch):
     reference = model(x, t, ctx)  # every layer through w8a8_linear_reference
     monkeypatch.setattr(Int8Linear, "kernel", w8a8_triton.W8A8Kernel())
     assert torch.equal(model(x, t, ctx), reference)  # the kernel, q/k/v and cross k/v sharing one quantisation
+
+
+@pytest.mark.parametrize("ffn_chunk", [0, 128])
+def test_dit_residual_adds_in_the_gemm_epilogue(monkeypatch, ffn_chunk):
+    """With the fused row kernels, the self-attention and cross-attention output projections and
+    ffn.2 add the residual in the W8A8 GEMM's epilogue (then a norm pass): bit-identical to
+    the reference W8A8 layers with the fused add + norm kernels. FFN passes of 128 tokens write
+    rows of the output (128, 128, 32); two batch rows with different gates keep the separate add."""
+    from turbo_core.kernels import residual_norm_triton
+    from turbo_core.models.dit import Block
+    from turbo_core.models.dit_loader import dit_from_state_dict
+    from turbo_core.tiny import quantize_state_dict, tiny_dit_state_dict
+
+    model = dit_from_state_dict(quantize_state_dict(tiny_dit_state_dict(seed=4)), device="cpu", dtype="bf16",
+                                linear="w8a8")
+    model.set_ffn_chunk(ffn_chunk)
+    monkeypatch.setattr(Block, "fused_ops", residual_norm_triton)
+    g = torch.Generator().manual_seed(SEED)
+    x, ctx = torch.randn(2, 16, 3, 16, 24, generator=g), torch.randn(2, 24, 64, generator=g)
+    t = torch.tensor([300.0, 800.0])
+    epilogue_adds = []
+    real = w8a8_triton.w8a8_gemm
+    monkeypatch.setattr(w8a8_triton, "w8a8_gemm",
+                        lambda *a, **kw: epilogue_adds.append(kw["residual"] is not None) or real(*a, **kw))
+    for b in (1, 2):
+        monkeypatch.setattr(Int8Linear, "kernel", None)
+        reference = model(x[:b], t[:b], ctx[:b])  # w8a8_linear_reference, fused add + norm kernels
+        monkeypatch.setattr(Int8Linear, "kernel", w8a8_triton.W8A8Kernel())
+        epilogue_adds.clear()
+        assert torch.equal(model(x[:b], t[:b], ctx[:b]), reference), f"B={b}, seed {SEED}"
+        passes = 3 if ffn_chunk else 1
+        # per block: self-attn o (gated) and cross-attn o (no gate: also for B=2), ffn.2 per pass (gated)
+        assert sum(epilogue_adds) == len(model.blocks) * ((2 + passes) if b == 1 else 1), (b, epilogue_adds)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -13,8 +13,9 @@ In PyTorch each line is 2-4 kernels with fp32 temporaries of the whole [L, D]
 (at 14B-720p 1.5 GiB each). Here each line, or an add followed by its norm, is
 one pass: the inputs are read once, the sum and the normed row written once.
 
-`add_norm(x, y, gate, eps, ...)`, `norm_modulate(x, shift, scale, eps)` and
-`gated_add(x, y, gate, out=None)` keep the torch path's rounding points:
+`add_norm(x, y, gate, eps, ...)`, `norm(x, eps, ...)`, `norm_modulate(x, shift, scale, eps)`
+and `gated_add(x, y, gate, out=None)` keep the torch path's rounding points (where the W8A8
+GEMM adds the residual in its epilogue, the same rounding, the block runs `norm` alone):
   * y * gate and x + (y * gate) are each rounded to x's dtype (bf16 math in
     torch); the gate is first rounded to x's dtype (`gate.to(x.dtype)`);
   * LayerNorm statistics are fp32 (two-pass mean / variance), the plain norm is
@@ -241,19 +242,21 @@ def add_norm(x, y, gate, eps, *, weight=None, bias=None, shift=None, scale=None)
 
     The norm is affine (`weight`, `bias` fp32 [D]: norm3), or modulated (`shift`,
     `scale` [B, 1, D] fp32: shift + LN(.)(1 + scale), norm2), or plain."""
-    if weight is not None:
-        norm = NORM_AFFINE
-    elif shift is not None:
-        norm = NORM_MODULATE
-    else:
-        norm = NORM_PLAIN
+    mode = NORM_AFFINE if weight is not None else NORM_MODULATE if shift is not None else NORM_PLAIN
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _launch(x, y, gate, out, norm, weight, bias, shift, scale, eps)
+    return _launch(x, y, gate, out, mode, weight, bias, shift, scale, eps)
+
+
+def norm(x, eps, *, weight=None, bias=None, shift=None, scale=None):
+    """LN(x) in x.dtype: affine (`weight`, `bias`: norm3), modulated (`shift`, `scale`: norm1 /
+    norm2 with AdaLN, shift + LN(x).to(x.dtype) * (1 + scale)), or plain; as `add_norm`'s norm."""
+    mode = NORM_AFFINE if weight is not None else NORM_MODULATE if shift is not None else NORM_PLAIN
+    return _launch(x, None, None, None, mode, weight, bias, shift, scale, eps)[1]
 
 
 def norm_modulate(x, shift, scale, eps):
     """(shift + LN(x).to(x.dtype) * (1 + scale)).to(x.dtype): a block's norm1 / norm2 with AdaLN."""
-    return _launch(x, None, None, None, NORM_MODULATE, None, None, shift, scale, eps)[1]
+    return norm(x, eps, shift=shift, scale=scale)
 
 
 def gated_add(x, y, gate, out=None):

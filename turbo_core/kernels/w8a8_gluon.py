@@ -15,6 +15,10 @@ Layout of one program (one per SM, looping over output tiles of 192 x 128):
   (8 stmatrix + 1 TMA instruction instead of 32 masked global stores per thread: 15-28% faster
   at K = 1536, where a tile's epilogue is long next to its 12 K tiles); outputs TMA cannot store
   (fp32, rows not 16-byte aligned) are stored from registers.
+- with a residual (the block's gated residual add, `w8a8_triton.w8a8_gemm(residual=, gate=)`),
+  each warpgroup TMA-loads its residual tile into its output tile's shared memory as the tile
+  starts, and the epilogue reads it back (TMA-stored outputs only: the register-store epilogue
+  with residual loads from global memory spilled, ptxas at 160 registers).
 
 Why this shape (bench/RESULTS.md, session 5, has the measurements): at 128 x 128 tiles the int8
 GEMM is bound by L2 -> SM bandwidth (ncu: L2 76-79% busy, tensor pipe 56%), so the tile must grow;
@@ -88,9 +92,9 @@ if AVAILABLE:
                 g += 1
 
     @gluon.jit
-    def _consumer(a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, y_desc, c_smem, M, N, KT,
+    def _consumer(a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, y_desc, c_smem, r_desc, G, res_bar, M, N, KT,
                   H: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  TMA_STORE: gl.constexpr):
+                  TMA_STORE: gl.constexpr, HAS_RES: gl.constexpr, HAS_GATE: gl.constexpr):
         """Warpgroup H: rows 64H..64H+63 of each tile."""
         C: gl.constexpr = a_smem.type.shape[0] // STAGES
         BN: gl.constexpr = w_smem.type.shape[1]
@@ -101,10 +105,15 @@ if AVAILABLE:
         num_m = gl.cdiv(M, 64 * C)
         num_n = gl.cdiv(N, BN)
         g = 0
+        done = 0  # tiles finished by this program: the residual barrier's phase
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             pm, pn = _tile_coords(tile, num_m, num_n, GROUP_M)
             off_m = pm * (64 * C) + 64 * H
             off_n = pn * BN
+            if HAS_RES:  # the residual tile comes in (into c_smem) while the K loop runs
+                tma.store_wait(0)  # this warpgroup's previous tile has left c_smem
+                mbarrier.expect(res_bar.index(H), r_desc.block_type.nbytes)
+                _tma_load(r_desc, [off_m, off_n], res_bar.index(H), c_smem.index(H))
             # 64 rows and BN <= 128 columns lie inside one 128 x 128 scale tile: s_x * s_w is one
             # scalar per K tile (rows past M, whose outputs are not stored, read the last row's)
             sa_ptr = AS + gl.minimum(off_m // 128, (M - 1) // 128) * KT
@@ -127,6 +136,15 @@ if AVAILABLE:
             if HAS_BIAS:
                 bias = gl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
                 y = (y.to(gl.float32) + bias[None, :]).to(Y.dtype.element_ty)
+            if HAS_RES:  # r + y * gate.to(dtype), each op rounded to dtype (w8a8_triton._residual)
+                mbarrier.wait(res_bar.index(H), done & 1)
+                r = c_smem.index(H).load(layout)  # each warp reads (then writes) only its own 16 rows
+                yf = y.to(gl.float32)
+                if HAS_GATE:
+                    gate = gl.load(G + offs_n, mask=offs_n < N, other=0.0).to(Y.dtype.element_ty).to(gl.float32)
+                    yf = (yf * gate[None, :]).to(Y.dtype.element_ty).to(gl.float32)
+                y = (r.to(gl.float32) + yf).to(Y.dtype.element_ty)
+            done += 1
             if TMA_STORE:  # through shared memory, the store left to the TMA unit (clipped at M, N)
                 tma.store_wait(0)  # this warpgroup's previous tile has left c_smem
                 c_smem.index(H).store(y)
@@ -140,9 +158,11 @@ if AVAILABLE:
             tma.store_wait(0)
 
     @gluon.jit(do_not_specialize=["M"])
-    def _w8a8_gemm_kernel(a_desc, w_desc, y_desc, AS, WS, BIAS, Y, M, N, KT,
+    def _w8a8_gemm_kernel(a_desc, w_desc, y_desc, r_desc, AS, WS, BIAS, G, Y, M, N, KT,
                           HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                          CONSUMER_REGS: gl.constexpr, TMA_STORE: gl.constexpr, num_warps: gl.constexpr):
+                          CONSUMER_REGS: gl.constexpr, TMA_STORE: gl.constexpr, HAS_RES: gl.constexpr,
+                          HAS_GATE: gl.constexpr, num_warps: gl.constexpr):
+        gl.static_assert(TMA_STORE or not HAS_RES, "a residual comes in by TMA, with the TMA-stored outputs")
         a_smem = gl.allocate_shared_memory(gl.int8, [_CONSUMERS * STAGES, 64, 128], a_desc.layout)
         if TMA_STORE:  # one output tile per consumer warpgroup
             c_smem = gl.allocate_shared_memory(y_desc.dtype, [_CONSUMERS] + y_desc.block_type.shape, y_desc.layout)
@@ -151,17 +171,20 @@ if AVAILABLE:
         w_smem = gl.allocate_shared_memory(gl.int8, [STAGES] + w_desc.block_type.shape, w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        res_bar = gl.allocate_shared_memory(gl.int64, [_CONSUMERS, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=_CONSUMERS)  # one arrive per consumer warpgroup
+        for h in gl.static_range(_CONSUMERS):
+            mbarrier.init(res_bar.index(h), count=1)
         # the default partition (num_warps = 4) is consumer 0; workers: consumers 1, 2, the producer
         gl.warp_specialize([
-            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, y_desc, c_smem, M, N, KT, 0, GROUP_M, STAGES,
-                         HAS_BIAS, TMA_STORE)),
-            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, y_desc, c_smem, M, N, KT, 1, GROUP_M, STAGES,
-                         HAS_BIAS, TMA_STORE)),
-            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, y_desc, c_smem, M, N, KT, 2, GROUP_M, STAGES,
-                         HAS_BIAS, TMA_STORE)),
+            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, y_desc, c_smem, r_desc, G, res_bar,
+                         M, N, KT, 0, GROUP_M, STAGES, HAS_BIAS, TMA_STORE, HAS_RES, HAS_GATE)),
+            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, y_desc, c_smem, r_desc, G, res_bar,
+                         M, N, KT, 1, GROUP_M, STAGES, HAS_BIAS, TMA_STORE, HAS_RES, HAS_GATE)),
+            (_consumer, (a_smem, w_smem, ready, empty, AS, WS, BIAS, Y, y_desc, c_smem, r_desc, G, res_bar,
+                         M, N, KT, 2, GROUP_M, STAGES, HAS_BIAS, TMA_STORE, HAS_RES, HAS_GATE)),
             (_producer, (a_desc, w_desc, a_smem, w_smem, ready, empty, M, N, KT, GROUP_M, STAGES)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
 
@@ -190,15 +213,24 @@ def _tma_store_ok(y) -> bool:
             and (y.shape[1] * y.element_size()) % 16 == 0)
 
 
-def descriptors(xq, wq, y=None):
-    """TMA descriptors of int8 xq [M, K] (64-row slices), wq [N, K] (BLOCK_N-row tiles) and of the
-    output y [M, N] (64 x BLOCK_N tiles), or None for y when TMA cannot store it."""
+def residual_ok(y, residual) -> bool:
+    """This kernel can add `residual` in its epilogue: both TMA-storable (the residual tile is
+    TMA-loaded into the output tile's shared memory; from registers it spilled)."""
+    return _tma_store_ok(y) and _tma_store_ok(residual)
+
+
+def descriptors(xq, wq, y=None, residual=None):
+    """TMA descriptors of int8 xq [M, K] (64-row slices), wq [N, K] (BLOCK_N-row tiles), of the
+    output y [M, N] (64 x BLOCK_N tiles) and of the residual (the same tiles), or None for y
+    (and the residual) when TMA cannot store y."""
     a_desc = TensorDescriptor.from_tensor(xq, [64, 128], _layout(64, 128, torch.int8))
     w_desc = TensorDescriptor.from_tensor(wq, [BLOCK_N, 128], _layout(BLOCK_N, 128, torch.int8))
-    y_desc = None
-    if y is not None and _tma_store_ok(y):
+    y_desc = r_desc = None
+    if y is not None and _tma_store_ok(y) and (residual is None or _tma_store_ok(residual)):
         y_desc = TensorDescriptor.from_tensor(y, [64, BLOCK_N], _layout(64, BLOCK_N, y.dtype))
-    return a_desc, w_desc, y_desc
+        if residual is not None:
+            r_desc = TensorDescriptor.from_tensor(residual, [64, BLOCK_N], _layout(64, BLOCK_N, y.dtype))
+    return a_desc, w_desc, y_desc, r_desc
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,14 +240,19 @@ def _layout(rows: int, cols: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)
 
 
-def gemm_into(y, xq, xs, wq, ws, bias, cfg) -> None:
-    """y[M,N] = W8A8 GEMM of contiguous int8 xq [M,K] and wq [N,K] (K a multiple of 16: TMA rows)."""
+def gemm_into(y, xq, xs, wq, ws, bias, cfg, residual=None, gate=None) -> None:
+    """y[M,N] = W8A8 GEMM of contiguous int8 xq [M,K] and wq [N,K] (K a multiple of 16: TMA rows);
+    with `residual` [M,N] (and `gate` [N] fp32): residual + product * gate.to(y.dtype)."""
     cfg = {k: v for k, v in cfg.items() if k != "GLUON"}
     m, k = xq.shape
     n = wq.shape[0]
-    a_desc, w_desc, y_desc = descriptors(xq, wq, y)
+    a_desc, w_desc, y_desc, r_desc = descriptors(xq, wq, y, residual)
+    if residual is not None and r_desc is None:
+        raise ValueError("the Gluon W8A8 GEMM adds a residual only to outputs TMA can store (`residual_ok`)")
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
     grid = (min(tiles, sla_triton.sm_count(xq.device)),)
-    _w8a8_gemm_kernel[grid](a_desc, w_desc, a_desc if y_desc is None else y_desc,  # a_desc: a placeholder, not read
-                            xs, ws, y if bias is None else bias, y, m, n, triton.cdiv(k, 128),
-                            HAS_BIAS=bias is not None, TMA_STORE=y_desc is not None, enable_fp_fusion=False, **cfg)
+    # a_desc / y: placeholders for what this launch does not read (None costs the launch less)
+    _w8a8_gemm_kernel[grid](a_desc, w_desc, y_desc or a_desc, r_desc, xs, ws, y if bias is None else bias,
+                            gate, y, m, n, triton.cdiv(k, 128),
+                            HAS_BIAS=bias is not None, TMA_STORE=y_desc is not None, HAS_RES=residual is not None,
+                            HAS_GATE=gate is not None, enable_fp_fusion=False, **cfg)

@@ -21,7 +21,9 @@ output columns go in chunks of 64 or 128, so s_x * s_w is one scalar per K tile
 and chunk. Each tile's int32 product is converted by I2F (exact: |tile sum| <=
 2^21); on the H100 that measured 0-5% faster than the integer-add (1.5*2^23)
 trick, which costs two instructions. On sm90 `w8a8_gluon` adds warp-specialised
-configs to the autotuner (the same arithmetic). Tiles come in by TMA
+configs to the autotuner (the same arithmetic). Both take the block's gated residual add into
+their epilogue (`residual=`, `gate=`: residual + y * gate, rounded as torch's ops), so the
+block never writes the projection's output to read it back. Tiles come in by TMA
 (host tensor descriptors, sm90) when K is a multiple of 16, else by masked
 pointer loads; K need not be a multiple of 128 (zero-filled / masked).
 
@@ -152,23 +154,39 @@ def _fma(part, scale, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _gemm_store(Y, BIAS, acc, off_m, n0, M, N,
+def _residual(y, r, G, offs_n, N, dt: tl.constexpr, HAS_GATE: tl.constexpr, INTERPRET: tl.constexpr):
+    """r + y * gate.to(dt) (or r + y) in dt, each product and sum rounded to dt: the block's
+    gated residual as torch's dt ops (and residual_norm_triton) round it."""
+    y = y.to(tl.float32)
+    if HAS_GATE:
+        g = _cast(tl.load(G + offs_n, mask=offs_n < N, other=0.0), dt, INTERPRET).to(tl.float32)
+        y = _cast(y * g[None, :], dt, INTERPRET).to(tl.float32)
+    return _cast(r.to(tl.float32) + y, dt, INTERPRET)
+
+
+@triton.jit
+def _gemm_store(Y, BIAS, R, G, acc, off_m, n0, M, N,
                 BLOCK_M: tl.constexpr, CHUNK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                INTERPRET: tl.constexpr):
+                HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, INTERPRET: tl.constexpr):
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, CHUNK_N)
-    y = _cast(acc, Y.dtype.element_ty, INTERPRET)  # cast to x's dtype first ...
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    dt: tl.constexpr = Y.dtype.element_ty
+    y = _cast(acc, dt, INTERPRET)  # cast to x's dtype first ...
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        y = _cast(y.to(tl.float32) + bias[None, :], Y.dtype.element_ty, INTERPRET)  # ... then + bias in it
-    tl.store(Y + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], y,
-             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+        y = _cast(y.to(tl.float32) + bias[None, :], dt, INTERPRET)  # ... then + bias in it
+    if HAS_RES:
+        y = _residual(y, tl.load(R + offs, mask=mask, other=0.0), G, offs_n, N, dt, HAS_GATE, INTERPRET)
+    tl.store(Y + offs, y, mask=mask)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _w8a8_gemm_kernel(A, AS, W, WS, BIAS, Y,
+def _w8a8_gemm_kernel(A, AS, W, WS, BIAS, R, G, Y,
                       M, N, K, KT,
-                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr,
+                      EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_N: tl.constexpr,
                       GROUP_M: tl.constexpr, INTERPRET: tl.constexpr):
     BLOCK_K: tl.constexpr = 128
@@ -209,9 +227,10 @@ def _w8a8_gemm_kernel(A, AS, W, WS, BIAS, Y,
             s1 = sa * tl.load(sw1_ptr + kt)
             acc1 = _fma(tl.dot(a, tl.trans(w1)).to(tl.float32), s1, acc1, INTERPRET)
 
-    _gemm_store(Y, BIAS, acc0, off_m, off_n0, M, N, BLOCK_M, CHUNK_N, HAS_BIAS, INTERPRET)
+    _gemm_store(Y, BIAS, R, G, acc0, off_m, off_n0, M, N, BLOCK_M, CHUNK_N, HAS_BIAS, HAS_RES, HAS_GATE, INTERPRET)
     if BLOCK_N > CHUNK_N:
-        _gemm_store(Y, BIAS, acc1, off_m, off_n1, M, N, BLOCK_M, CHUNK_N, HAS_BIAS, INTERPRET)
+        _gemm_store(Y, BIAS, R, G, acc1, off_m, off_n1, M, N, BLOCK_M, CHUNK_N, HAS_BIAS, HAS_RES, HAS_GATE,
+                    INTERPRET)
 
 
 # BLOCK_M in (64, 128); BLOCK_N = CHUNK_N or 2 * CHUNK_N, CHUNK_N in (64, 128).
@@ -269,12 +288,30 @@ def _gluon_agrees(launch, y) -> bool:
     return False
 
 
-def w8a8_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, *, config=None):
-    """int8 xq [M,K] with tile scales xs, int8 wq [N,K] with ws -> y [M,N] in out_dtype (bit-exact)."""
+def w8a8_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, *, config=None, residual=None, gate=None,
+              out=None):
+    """int8 xq [M,K] with tile scales xs, int8 wq [N,K] with ws -> y [M,N] in out_dtype (bit-exact).
+
+    With `residual` [M,N] (contiguous, out_dtype): residual + y * gate.to(out_dtype) instead, or
+    residual + y without `gate` ([N], one gate for every row) -- the block's gated residual add
+    done by the GEMM's epilogue, rounded as torch's ops in out_dtype, so the [M,N] product is never
+    written and read back. `out`: a contiguous [M,N] tensor to write (e.g. rows of a larger one)."""
     m, k = xq.shape
     n = wq.shape[0]
     kt = triton.cdiv(k, TILE)
-    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    if out is None:
+        y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    elif out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"w8a8_gemm: out must be a contiguous [{m}, {n}] {out_dtype} tensor")
+    else:
+        y = out
+    if residual is not None and (residual.shape != (m, n) or residual.dtype != out_dtype
+                                 or not residual.is_contiguous()):
+        raise ValueError(f"w8a8_gemm: residual must be a contiguous [{m}, {n}] {out_dtype} tensor")
+    if gate is not None:
+        if residual is None or gate.numel() != n:
+            raise ValueError(f"w8a8_gemm: gate must be [{n}] and comes with a residual")
+        gate = gate.to(device=xq.device, dtype=torch.float32).reshape(n).contiguous()
     if m == 0 or n == 0:
         return y
     xq = xq.contiguous()
@@ -288,7 +325,7 @@ def w8a8_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, *, config=Non
 
     def launch(cfg):
         if cfg.get("GLUON"):
-            return w8a8_gluon.gemm_into(y, xq, xs, wq, ws, None if bias is None else b, cfg)
+            return w8a8_gluon.gemm_into(y, xq, xs, wq, ws, None if bias is None else b, cfg, residual, gate)
         cfg = dict(cfg)
         bm, bn, ch = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.pop("CHUNK_N")
         if use_tma:
@@ -297,17 +334,19 @@ def w8a8_gemm(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, *, config=Non
         else:
             a_arg, w_arg = xq, wq
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        _w8a8_gemm_kernel[grid](a_arg, xs, w_arg, ws, b, y, m, n, k, kt,
-                                HAS_BIAS=bias is not None, EVEN_K=k % TILE == 0, USE_TMA=use_tma,
-                                CHUNK_N=ch, INTERPRET=INTERPRET, **cfg, **extra)
+        _w8a8_gemm_kernel[grid](a_arg, xs, w_arg, ws, b, residual, gate, y, m, n, k, kt,
+                                HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_GATE=gate is not None,
+                                EVEN_K=k % TILE == 0, USE_TMA=use_tma, CHUNK_N=ch, INTERPRET=INTERPRET, **cfg, **extra)
 
     if config is None:
         if INTERPRET:
             config = INTERP_GEMM_CONFIG
         else:
-            key = (m, n, k, out_dtype, bias is not None, use_tma)
+            key = (m, n, k, out_dtype, bias is not None, use_tma, residual is not None, gate is not None)
             configs = GEMM_CONFIGS
-            if AUTOTUNE and key not in _tuned and use_tma and w8a8_gluon.usable(xq.device) and _gluon_agrees(launch, y):
+            gluon_ok = use_tma and w8a8_gluon.usable(xq.device) and (residual is None
+                                                                   or w8a8_gluon.residual_ok(y, residual))
+            if AUTOTUNE and key not in _tuned and gluon_ok and _gluon_agrees(launch, y):
                 configs = GEMM_CONFIGS + w8a8_gluon.CONFIGS  # sm90: the warp-specialised Gluon kernel competes
             config = pick_config(key, configs, launch, _tuned, TUNE_TIMES)
     launch(config)
@@ -329,10 +368,14 @@ class W8A8Kernel:
         (gelu=True: of GELU_tanh(x2), the FFN hidden state)."""
         return quantize_act(x2, gelu=gelu)
 
-    def gemm(self, qx, int8_weight, scale, bias=None):
-        """The GEMM half on a `quant.int8.QuantizedInput`."""
-        y = w8a8_gemm(qx.codes, qx.scales, int8_weight, scale, bias, qx.dtype)
-        return y.reshape(*qx.shape[:-1], int8_weight.shape[0])
+    def gemm(self, qx, int8_weight, scale, bias=None, residual=None, gate=None, out=None):
+        """The GEMM half on a `quant.int8.QuantizedInput`; with `residual` (and `gate`, [N]),
+        residual + y * gate.to(dtype) from the GEMM's epilogue (`w8a8_gemm`), written to `out` if given."""
+        n = int8_weight.shape[0]
+        residual = None if residual is None else residual.view(-1, n)  # [..., N] -> [M, N], no copy
+        y = w8a8_gemm(qx.codes, qx.scales, int8_weight, scale, bias, qx.dtype, residual=residual, gate=gate,
+                      out=None if out is None else out.view(-1, n))
+        return y.reshape(*qx.shape[:-1], n) if out is None else out
 
     def __repr__(self) -> str:
         return "W8A8Kernel()"

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import dense_attention, ensure_kernels, self_attention
-from ..quant.int8 import Int8Linear, choose_mode, compiling, run_eager, shared_input
+from ..quant.int8 import Int8Linear, choose_mode, compiling, linear_residual, run_eager, shared_input
 
 log = logging.getLogger("turbo_core")
 
@@ -195,7 +195,8 @@ class SelfAttention(nn.Module):
         return [q, k, v]
 
     def attend(self, qkv: list, attention: str, sla_topk: float, shard=None):
-        """Attention over `qkv` (emptied here, so q/k/v are freed before the output projection)."""
+        """Attention over `qkv` (emptied here, so q/k/v are freed before the output projection), as
+        [B, L, D]: the input of `self.o` (which the block may run with its residual add fused)."""
         q, k, v = qkv
         qkv.clear()
         if shard is None:
@@ -203,10 +204,10 @@ class SelfAttention(nn.Module):
         else:  # sequence parallel: all-to-all, full sequence for H/N heads, all-to-all back
             out = shard.attention(self_attention, q, k, v, attention, proj_l=self.proj_l, topk=sla_topk)
         del q, k, v
-        return self.o(out.flatten(2))
+        return out.flatten(2)
 
     def forward(self, x, freqs, attention: str, sla_topk: float, shard=None):
-        return self.attend(self.qkv(x, freqs), attention, sla_topk, shard)
+        return self.o(self.attend(self.qkv(x, freqs), attention, sla_topk, shard))
 
 
 class CrossAttention(nn.Module):
@@ -220,6 +221,10 @@ class CrossAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(d, cfg.eps), RMSNorm(d, cfg.eps)
 
     def forward(self, x, ctx):
+        return self.o(self.attend(x, ctx))
+
+    def attend(self, x, ctx):
+        """The attention before the output projection, [B, L, D]."""
         b = x.shape[0]
         q = self.q(x)
         fused = SelfAttention.fused_norm_rope  # its kernel also does the plain RMSNorm, in one pass
@@ -231,7 +236,7 @@ class CrossAttention(nn.Module):
         ctx = shared_input(ctx, (self.k, self.v))
         k = self.norm_k(self.k(ctx)).view(b, -1, self.heads, HEAD_DIM)
         v = self.v(ctx).view(b, -1, self.heads, HEAD_DIM)
-        return self.o(dense_attention(q, k, v).flatten(2))
+        return dense_attention(q, k, v).flatten(2)
 
 
 # Tokens per FFN pass. One pass over all 75600 tokens of a 14B-720p video holds a
@@ -271,18 +276,28 @@ class Block(nn.Module):
         qkv = self.self_attn.qkv(self._modulate(fused, self.norm1, x, shift_sa, scale_sa), freqs)
         attn = self.self_attn.attend(qkv, attention, sla_topk, shard)
         if fused is None:
-            x = x + attn * gate_sa.to(x.dtype)  # bf16, as upstream
+            x = x + self.self_attn.o(attn) * gate_sa.to(x.dtype)  # bf16, as upstream
             del attn
             x = x + self.cross_attn(self.norm3(x), ctx)
             h = self._modulate(None, self.norm2, x, shift_ff, scale_ff)
         else:  # the same math, each residual add fused with the norm that follows it
-            x, n = fused.add_norm(x, attn, gate_sa, self.norm3.eps, weight=self.norm3.weight, bias=self.norm3.bias)
+            x, n = self._add_norm(fused, self.self_attn.o, attn, x, gate_sa, self.norm3.eps,
+                                  weight=self.norm3.weight, bias=self.norm3.bias)
             del attn
-            c = self.cross_attn(n, ctx)
+            c = self.cross_attn.attend(n, ctx)
             del n
-            x, h = fused.add_norm(x, c, None, self.norm2.eps, shift=shift_ff, scale=scale_ff)
+            x, h = self._add_norm(fused, self.cross_attn.o, c, x, None, self.norm2.eps, shift=shift_ff, scale=scale_ff)
             del c
         return self._ffn_residual(x, h, gate_ff, fused)
+
+    @staticmethod
+    def _add_norm(fused, layer, inp, x, gate, eps, **norm):
+        """(x + layer(inp) * gate, its norm): the add in the W8A8 GEMM's epilogue where it can be
+        (then a norm pass: the layer's output is never written), else one add + norm pass."""
+        s = linear_residual(layer, inp, x, gate)
+        if s is None:
+            return fused.add_norm(x, layer(inp), gate, eps, **norm)
+        return s, fused.norm(s, eps, **norm)
 
     def _fused(self, x):
         """The fused row kernels when they apply to x (eager CUDA blocks), else None."""
@@ -303,14 +318,14 @@ class Block(nn.Module):
         n = x.shape[1]
         if not self.ffn_chunk or n <= self.ffn_chunk:
             if fused is not None:
-                return fused.gated_add(x, self._ffn(h), gate)
+                return self._ffn_add(fused, x, h, gate)
             return x + self._ffn(h) * gate.to(x.dtype)
         passes = -(-n // self.ffn_chunk)
         step = -(-n // (passes * 128)) * 128
         out = torch.empty_like(x)
         for s in range(0, n, step):
             if fused is not None:
-                fused.gated_add(x[:, s:s + step], self._ffn(h[:, s:s + step]), gate, out=out[:, s:s + step])
+                self._ffn_add(fused, x[:, s:s + step], h[:, s:s + step], gate, out=out[:, s:s + step])
             else:
                 out[:, s:s + step] = x[:, s:s + step] + self._ffn(h[:, s:s + step]) * gate.to(x.dtype)
         return out
@@ -319,6 +334,14 @@ class Block(nn.Module):
         """ffn(h), the W8A8 kernel (when it runs ffn.2) taking the GELU into its quantisation pass."""
         up, _, down = self.ffn
         return down(shared_input(up(h), (down,), gelu=True))
+
+    def _ffn_add(self, fused, x, h, gate, out=None):
+        """x + ffn(h) * gate (into `out` if given): the add in ffn.2's W8A8 epilogue where it can
+        be, else the fused row kernel's gated add."""
+        up, _, down = self.ffn
+        hidden = shared_input(up(h), (down,), gelu=True)
+        y = linear_residual(down, hidden, x, gate, out)
+        return fused.gated_add(x, down(hidden), gate, out=out) if y is None else y
 
 
 class Head(nn.Module):

@@ -127,6 +127,27 @@ def shared_input(x: torch.Tensor, layers, gelu: bool = False) -> torch.Tensor | 
     return QuantizedInput(codes, scales, x.shape, x.dtype)
 
 
+def linear_residual(layer, x, residual: torch.Tensor, gate: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """residual + layer(x) * gate.to(dtype) (gate None: residual + layer(x)), added by the W8A8
+    GEMM's epilogue, so the layer's output is never written and read back; written to `out`
+    when given. None where that path does not apply (the caller adds): not an Int8Linear running
+    the kernel, a gate that differs between batch entries, a residual or out that is not one
+    contiguous [..., N] block. Rounded as torch's ops in x's dtype (and the fused row kernels)."""
+    kernel = Int8Linear.kernel
+    if not isinstance(layer, Int8Linear) or layer.mode != "w8a8" or kernel is None or compiling():
+        return None
+    n = layer.out_features
+    if gate is not None and gate.numel() != n:  # one gate for all rows only ([1, 1, N] or B == 1)
+        return None
+    if not residual.is_contiguous() or residual.shape[-1] != n or (out is not None and not out.is_contiguous()):
+        return None
+    qx = x if isinstance(x, QuantizedInput) else shared_input(x, (layer,))
+    if not isinstance(qx, QuantizedInput) or residual.dtype != qx.dtype or residual.numel() != qx.codes.shape[0] * n:
+        return None
+    return run_eager(kernel.gemm, qx, layer.int8_weight, layer.scale, layer.bias, residual, gate, out)
+
+
 class Int8Linear(nn.Module):
     """A Linear whose weight stays int8 in memory (half the bytes of bf16).
 
