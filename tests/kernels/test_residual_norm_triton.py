@@ -62,8 +62,8 @@ def _check_norm(out, ref, dtype, what, pre=None, gain=None, offset=None):
     bound = _ulp(ref, dtype) + 2.0 ** -21 * (ref.double().abs().amax(-1, keepdim=True) + (0 if offset is None else offset.abs().max()))
     if pre is not None:
         bound = bound + _ulp(pre, dtype) * gain.double()
-    frac = float((d > 0).double().mean())
-    assert frac <= MAX_FLIP_FRACTION, f"seed {SEED} {what}: {frac:.3g} of the elements differ"
+    flips = int((d > 0).sum())  # a few even where 2e-3 of the elements is less than one (one 200-wide row)
+    assert flips <= max(2, MAX_FLIP_FRACTION * d.numel()), f"seed {SEED} {what}: {flips} of {d.numel()} differ"
     worst = float((d / bound).max())
     assert worst <= 1.0 + 1e-9, f"seed {SEED} {what}: a difference of {worst:.3g} x the bound"
 
