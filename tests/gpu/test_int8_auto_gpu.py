@@ -52,7 +52,8 @@ class _BrokenKernel:
     def __call__(self, *args):
         raise RuntimeError("no int8 MMA on this GPU")
 
-    quantize = gemm = __call__  # the halves a block calls for q/k/v sharing one quantisation
+    # the halves a block calls: q/k/v sharing one quantisation, a norm quantised as it is made
+    quantize = gemm = quantize_norm = __call__
 
 
 def test_a_failing_kernel_is_never_used(caplog, monkeypatch):

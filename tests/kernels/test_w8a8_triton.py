@@ -191,12 +191,39 @@ def test_dit_with_the_kernel_and_shared_inputs_is_bit_exact(monkeypatch):
     assert torch.equal(model(x, t, ctx), reference)  # the kernel, q/k/v and cross k/v sharing one quantisation
 
 
+@pytest.mark.parametrize("shape,chunk", [((1, 200, 384), 0), ((2, 150, 256), 0), ((1, 300, 640), 128)])
+@pytest.mark.parametrize("mode", ["affine", "adaln"])
+def test_quantize_norm_gives_the_codes_of_the_norm(shape, chunk, mode, monkeypatch):
+    """Codes made from x and the norm's row stats == quantize_act of the normed tensor the fused
+    norm returns, bit for bit (whole-row and chunked stats kernels; one and two videos, whose AdaLN
+    shift / scale differ; partial row and column tiles)."""
+    from turbo_core.kernels import residual_norm_triton as rn
+
+    if chunk:
+        monkeypatch.setattr(rn, "_launch_shape", lambda d: (1, 4, chunk))
+    g = torch.Generator().manual_seed(SEED + shape[1])
+    b, n, d = shape
+    x = (torch.randn(*shape, generator=g) * 3 + torch.randn(b, n, 1, generator=g)).to(torch.bfloat16)
+    if mode == "affine":
+        params = dict(weight=torch.randn(d, generator=g) * 0.3 + 1, bias=torch.randn(d, generator=g) * 0.2)
+    else:
+        shift, scale = (torch.randn(b, 6, d, generator=g) * 0.5).chunk(6, dim=1)[:2]
+        params = dict(shift=shift, scale=scale)
+    normed = rn.norm(x, 1e-6, **params)
+    q, s = w8a8_triton.quantize_norm(x, rn.norm_stats(x, 1e-6), **params)
+    rq, rs = w8a8_triton.quantize_act(normed.reshape(-1, d))
+    assert torch.equal(s, rs), f"seed {SEED}"
+    assert torch.equal(q, rq), f"seed {SEED}: {(q != rq).sum()} codes differ"
+
+
 @pytest.mark.parametrize("ffn_chunk", [0, 128])
 def test_dit_residual_adds_in_the_gemm_epilogue(monkeypatch, ffn_chunk):
     """With the fused row kernels, the self-attention and cross-attention output projections and
-    ffn.2 add the residual in the W8A8 GEMM's epilogue (then a norm pass): bit-identical to
-    the reference W8A8 layers with the fused add + norm kernels. FFN passes of 128 tokens write
-    rows of the output (128, 128, 32); two batch rows with different gates keep the separate add."""
+    ffn.2 add the residual in the W8A8 GEMM's epilogue, and norm1 / norm3 / norm2 go straight to
+    int8 codes for their W8A8 readers (`quantize_norm`): bit-identical to the reference W8A8 layers
+    with the fused add + norm kernels. FFN passes of 128 tokens write rows of the output (128,
+    128, 32) and read 128-row slices of the codes; two batch rows with different gates keep the
+    separate add (and their FFN passes the normed tensor)."""
     from turbo_core.kernels import residual_norm_triton
     from turbo_core.models.dit import Block
     from turbo_core.models.dit_loader import dit_from_state_dict
@@ -209,19 +236,23 @@ def test_dit_residual_adds_in_the_gemm_epilogue(monkeypatch, ffn_chunk):
     g = torch.Generator().manual_seed(SEED)
     x, ctx = torch.randn(2, 16, 3, 16, 24, generator=g), torch.randn(2, 24, 64, generator=g)
     t = torch.tensor([300.0, 800.0])
-    epilogue_adds = []
-    real = w8a8_triton.w8a8_gemm
+    epilogue_adds, norm_codes = [], []
+    real, real_norm = w8a8_triton.w8a8_gemm, w8a8_triton.quantize_norm
     monkeypatch.setattr(w8a8_triton, "w8a8_gemm",
                         lambda *a, **kw: epilogue_adds.append(kw["residual"] is not None) or real(*a, **kw))
+    monkeypatch.setattr(w8a8_triton, "quantize_norm", lambda *a, **kw: norm_codes.append(1) or real_norm(*a, **kw))
     for b in (1, 2):
         monkeypatch.setattr(Int8Linear, "kernel", None)
         reference = model(x[:b], t[:b], ctx[:b])  # w8a8_linear_reference, fused add + norm kernels
         monkeypatch.setattr(Int8Linear, "kernel", w8a8_triton.W8A8Kernel())
         epilogue_adds.clear()
+        norm_codes.clear()
         assert torch.equal(model(x[:b], t[:b], ctx[:b]), reference), f"B={b}, seed {SEED}"
         passes = 3 if ffn_chunk else 1
         # per block: self-attn o (gated) and cross-attn o (no gate: also for B=2), ffn.2 per pass (gated)
         assert sum(epilogue_adds) == len(model.blocks) * ((2 + passes) if b == 1 else 1), (b, epilogue_adds)
+        # per block: norm1, norm3, norm2; for B=2 norm1, and norm2 when the FFN runs in one pass
+        assert len(norm_codes) == len(model.blocks) * (3 if b == 1 else 2 - bool(ffn_chunk)), (b, norm_codes)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

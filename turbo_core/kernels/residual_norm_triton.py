@@ -25,6 +25,10 @@ GEMM adds the residual in its epilogue, the same rounding, the block runs `norm`
 The residual sums are therefore bit-identical to torch; the norms can differ by
 one ulp on a few elements (another fp32 summation order).
 
+`norm_stats(x, eps)` writes only each row's (mean, rstd): where every reader of a norm
+runs the W8A8 kernel, `w8a8_triton.quantize_norm` makes the int8 codes from x and
+these, so the normed tensor is never written and read back.
+
 Layout: one program per token row (32 in the interpreter), the row held as one
 [next_pow2(D)] tile, or read in chunks of 1024 (three passes) when D > 2048. Rows
 are addressed through batch and token strides (the FFN's chunked residual writes
@@ -86,7 +90,8 @@ def _norm_out(z, W, BI, SH, SC, b, cols, mask, ssb, stb, dt: tl.constexpr, NORM:
 def _residual_norm_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
                           sxb, sxl, syb, syl, sob, sol, sgb, ssb, stb, eps,
                           ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ADD: tl.constexpr, GATE: tl.constexpr,
-                          WRITE_SUM: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr):
+                          WRITE_SUM: tl.constexpr, NORM: tl.constexpr, STATS: tl.constexpr,
+                          INTERPRET: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # token rows b * L + l
     b = (r // L)[:, None]
     l = (r % L)[:, None]
@@ -99,16 +104,21 @@ def _residual_norm_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
         xc = tl.where(mask, x - mean, 0.0)
         var = tl.sum(xc * xc, 1)[:, None] / D
         # correctly rounded sqrt and divide, as torch's CPU path (once per row: free)
-        z = xc * tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
-        tl.store(NRM + r[:, None] * D + cols, _norm_out(z, W, BI, SH, SC, b, cols, mask, ssb, stb, dt, NORM, INTERPRET),
-                 mask=mask)
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+        if STATS:  # (mean, rstd) per row into NRM [M, 2] fp32: w8a8_triton.quantize_norm normalises
+            two = tl.arange(0, 2)[None, :]
+            tl.store(NRM + r[:, None] * 2 + two, tl.where(two == 0, mean, rstd), mask=(r < M)[:, None])
+        else:
+            tl.store(NRM + r[:, None] * D + cols,
+                     _norm_out(xc * rstd, W, BI, SH, SC, b, cols, mask, ssb, stb, dt, NORM, INTERPRET), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "L", "D", "sxb", "sxl", "syb", "syl", "sob", "sol", "sgb", "ssb", "stb"])
 def _residual_norm_chunked_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
                                   sxb, sxl, syb, syl, sob, sol, sgb, ssb, stb, eps,
                                   CHUNK: tl.constexpr, ADD: tl.constexpr, GATE: tl.constexpr,
-                                  WRITE_SUM: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr):
+                                  WRITE_SUM: tl.constexpr, NORM: tl.constexpr, STATS: tl.constexpr,
+                                  INTERPRET: tl.constexpr):
     """`_residual_norm_kernel`'s math for one row, in chunks of CHUNK columns: pass 1 makes (and
     writes) the sum and its total, pass 2 the centred squares, pass 3 the normed row, each pass
     reading the row again (the sum from O where it was written; L1/L2 hits). A whole D = 5120
@@ -141,14 +151,18 @@ def _residual_norm_chunked_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
             part += xc * xc
         var = tl.sum(part, 0) / D
         rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
-        for c0 in range(0, D, CHUNK):
-            cols = c0 + offs
-            mask = cols < D
-            x = _row_sum(RX, Y, G, O, b, l, cols, mask, rxb, rxl, syb, syl, sob, sol, sgb, dt,
-                         False, GATE, False, INTERPRET)
-            z = (x - mean) * rstd
-            tl.store(NRM + r * D + cols, _norm_out(z, W, BI, SH, SC, b, cols, mask, ssb, stb, dt, NORM, INTERPRET),
-                     mask=mask)
+        if STATS:  # as in _residual_norm_kernel
+            tl.store(NRM + r * 2, mean)
+            tl.store(NRM + r * 2 + 1, rstd)
+        else:
+            for c0 in range(0, D, CHUNK):
+                cols = c0 + offs
+                mask = cols < D
+                x = _row_sum(RX, Y, G, O, b, l, cols, mask, rxb, rxl, syb, syl, sob, sol, sgb, dt,
+                             False, GATE, False, INTERPRET)
+                z = (x - mean) * rstd
+                tl.store(NRM + r * D + cols,
+                         _norm_out(z, W, BI, SH, SC, b, cols, mask, ssb, stb, dt, NORM, INTERPRET), mask=mask)
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -192,7 +206,7 @@ def _vec(t: torch.Tensor | None, b: int, d: int, name: str, device) -> torch.Ten
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(x, y, gate, out, norm, weight, bias, shift, scale, eps):
+def _launch(x, y, gate, out, norm, weight, bias, shift, scale, eps, stats=False):
     if not supports(x):
         raise ValueError(f"residual_norm: x must be [B, L, D] bf16/fp16/fp32 on CUDA, got "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")
@@ -212,7 +226,10 @@ def _launch(x, y, gate, out, norm, weight, bias, shift, scale, eps):
         bias = bias.to(device=x.device, dtype=torch.float32).contiguous()
         if weight.shape != (d,) or bias.shape != (d,):
             raise ValueError(f"residual_norm: weight and bias must be [{d}]")
-    nrm = torch.empty(b, n, d, dtype=x.dtype, device=x.device) if norm != NORM_NONE else None
+    if stats:
+        nrm = torch.empty(b, n, 2, dtype=torch.float32, device=x.device)
+    else:
+        nrm = torch.empty(b, n, d, dtype=x.dtype, device=x.device) if norm != NORM_NONE else None
     if b * n == 0:
         return out, nrm
     dummy = x
@@ -224,7 +241,8 @@ def _launch(x, y, gate, out, norm, weight, bias, shift, scale, eps):
             *(out.stride()[:2] if out is not None else (0, 0)),
             gate.stride(0) if gate is not None else 0, shift.stride(0) if shift is not None else 0,
             scale.stride(0) if scale is not None else 0, float(eps))
-    flags = dict(ADD=y is not None, GATE=gate is not None, WRITE_SUM=out is not None, NORM=norm, INTERPRET=INTERPRET,
+    flags = dict(ADD=y is not None, GATE=gate is not None, WRITE_SUM=out is not None, NORM=norm, STATS=stats,
+                 INTERPRET=INTERPRET,
                  num_warps=warps,
                  # no FMA contraction: LLVM narrows `x + bf16(y * g)` to bf16 ops and fuses them into one
                  # fma.rn.bf16, dropping the product's rounding (18% of the sums differed from torch)
@@ -252,6 +270,12 @@ def norm(x, eps, *, weight=None, bias=None, shift=None, scale=None):
     norm2 with AdaLN, shift + LN(x).to(x.dtype) * (1 + scale)), or plain; as `add_norm`'s norm."""
     mode = NORM_AFFINE if weight is not None else NORM_MODULATE if shift is not None else NORM_PLAIN
     return _launch(x, None, None, None, mode, weight, bias, shift, scale, eps)[1]
+
+
+def norm_stats(x, eps):
+    """Per-row LayerNorm statistics of x [B, L, D]: [B, L, 2] fp32 (mean, rstd), as the norms here
+    compute them; `w8a8_triton.quantize_norm` makes a norm's int8 codes from x and these."""
+    return _launch(x, None, None, None, NORM_PLAIN, None, None, None, None, eps, stats=True)[1]
 
 
 def norm_modulate(x, shift, scale, eps):

@@ -49,6 +49,7 @@ import triton.language as tl
 
 from ..quant.int8 import QuantizedInput
 from . import sla_triton, w8a8_gluon
+from .residual_norm_triton import _norm_out
 from .sla_triton import AUTOTUNE, INTERPRET, _cast, _int8_code, _to_f32, pick_config
 
 try:  # triton >= 3.3: host-side TMA descriptors
@@ -125,6 +126,67 @@ def quantize_act(x2: torch.Tensor, *, gelu: bool = False):
         return q, s
     _act_quant_kernel[(mt, kt)](x2, q, s, m, k, kt, x2.stride(0), GELU=gelu, INTERPRET=INTERPRET,
                                 num_warps=8, **({} if INTERPRET else {"enable_fp_fusion": False}))
+    return q, s
+
+
+@triton.jit(do_not_specialize=["M", "L", "sxb", "sxl", "ssb", "stb"])
+def _norm_quant_kernel(X, ST, W, BI, SH, SC, XQ, XS, M, L, K, KT, sxb, sxl, ssb, stb,
+                       NORM: tl.constexpr, ONE_BATCH: tl.constexpr, INTERPRET: tl.constexpr):
+    """`_act_quant_kernel` on the normed rows of x [B, L, K] (rows b * L + l), made from x and the
+    norm's per-row (mean, rstd) with `residual_norm_triton`'s own `_norm_out`: the codes of the
+    normed tensor, which is never written (NORM 2: affine W, BI; 3: AdaLN SH, SC)."""
+    pm = tl.program_id(0)
+    pk = tl.program_id(1)
+    rows = pm * 128 + tl.arange(0, 128)
+    cols = pk * 128 + tl.arange(0, 128)
+    rmask = rows < M
+    cmask = cols < K
+    mask = rmask[:, None] & cmask[None, :]
+    b = (rows // L).to(tl.int64)[:, None]
+    l = (rows % L).to(tl.int64)[:, None]
+    dt = X.dtype.element_ty
+    x = tl.load(X + b * sxb + l * sxl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(ST + rows.to(tl.int64)[:, None] * 2, mask=rmask[:, None], other=0.0)
+    rstd = tl.load(ST + rows.to(tl.int64)[:, None] * 2 + 1, mask=rmask[:, None], other=0.0)
+    if ONE_BATCH:  # one video: the AdaLN shift / scale are one [128] vector per tile, not a gather
+        h = _norm_out((x - mean) * rstd, W, BI, SH, SC, 0, cols[None, :], cmask[None, :], ssb, stb, dt, NORM,
+                      INTERPRET)
+    else:
+        h = _norm_out((x - mean) * rstd, W, BI, SH, SC, b, cols[None, :], mask, ssb, stb, dt, NORM, INTERPRET)
+    h = tl.where(mask, _to_f32(h, INTERPRET), 0.0)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(h), 1), 0), 1e-8)
+    mult = tl.math.div_rn(128.0, amax)
+    tl.store(XQ + rows[:, None].to(tl.int64) * K + cols[None, :], _int8_code(h * mult), mask=mask)
+    tl.store(XS + pm * KT + pk, amax * 0.0078125)
+
+
+def quantize_norm(x, stats, *, weight=None, bias=None, shift=None, scale=None):
+    """quantize_act of x's LayerNorm, affine (weight, bias fp32 [K]) or AdaLN-modulated (shift,
+    scale fp32 [B, 1, K] views), from the per-row stats [B, L, 2] of
+    `residual_norm_triton.norm_stats`: the codes of the tensor `residual_norm_triton.norm` returns,
+    made from x (read 2 bytes per element) instead of written and read back (2 + 2).
+    x [B, L, K] with unit last stride -> (int8 [B*L, K], fp32 tile scales)."""
+    bsz, n, k = x.shape
+    m = bsz * n
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if stats.shape != (bsz, n, 2) or not stats.is_contiguous():
+        raise ValueError(f"quantize_norm: stats must be contiguous [{bsz}, {n}, 2], got {tuple(stats.shape)}")
+    mt, kt = triton.cdiv(m, TILE), triton.cdiv(k, TILE)
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    s = torch.empty(mt, kt, dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return q, s
+    if weight is not None:
+        norm, w, bi, sh, sc = 2, weight.float().contiguous(), bias.float().contiguous(), stats, stats
+    else:
+        norm, w, bi = 3, stats, stats
+        sh, sc = (t.float().expand(bsz, 1, k) for t in (shift, scale))
+        sh, sc = (t if t.stride(-1) == 1 else t.contiguous() for t in (sh, sc))
+    _norm_quant_kernel[(mt, kt)](x, stats, w, bi, sh, sc, q, s, m, n, k, kt, x.stride(0), x.stride(1),
+                                 sh.stride(0) if norm == 3 else 0, sc.stride(0) if norm == 3 else 0,
+                                 NORM=norm, ONE_BATCH=bsz == 1, INTERPRET=INTERPRET, num_warps=8,
+                                 **({} if INTERPRET else {"enable_fp_fusion": False}))
     return q, s
 
 
@@ -367,6 +429,11 @@ class W8A8Kernel:
         """[M, K] -> (int8 codes, tile scales): the activation half, for `quant.int8.shared_input`
         (gelu=True: of GELU_tanh(x2), the FFN hidden state)."""
         return quantize_act(x2, gelu=gelu)
+
+    def quantize_norm(self, x, stats, norm: dict):
+        """x's LayerNorm (`norm`: weight / bias or shift / scale) made from its row stats straight to
+        (codes, tile scales): `quantize_norm`, for `models.dit.Block`."""
+        return quantize_norm(x, stats, **norm)
 
     def gemm(self, qx, int8_weight, scale, bias=None, residual=None, gate=None, out=None):
         """The GEMM half on a `quant.int8.QuantizedInput`; with `residual` (and `gate`, [N]),

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import dense_attention, ensure_kernels, self_attention
-from ..quant.int8 import Int8Linear, choose_mode, compiling, linear_residual, run_eager, shared_input
+from ..quant.int8 import (Int8Linear, QuantizedInput, choose_mode, compiling, linear_residual, run_eager,
+                          shared_input, token_rows, w8a8_kernel_for)
 
 log = logging.getLogger("turbo_core")
 
@@ -273,31 +274,51 @@ class Block(nn.Module):
         fused = self._fused(x)
         # plain method calls with temporaries: the modulated input and q/k/v are freed as soon
         # as they are used (14B-720p: 0.7 GiB each), not held until the attention returns
-        qkv = self.self_attn.qkv(self._modulate(fused, self.norm1, x, shift_sa, scale_sa), freqs)
-        attn = self.self_attn.attend(qkv, attention, sla_topk, shard)
+        sa = self.self_attn
         if fused is None:
-            x = x + self.self_attn.o(attn) * gate_sa.to(x.dtype)  # bf16, as upstream
+            qkv = sa.qkv(self._modulate(self.norm1, x, shift_sa, scale_sa), freqs)
+        else:
+            qkv = sa.qkv(self._norm(fused, (sa.q, sa.k, sa.v), x, self.norm1.eps, shift=shift_sa, scale=scale_sa),
+                         freqs)
+        attn = sa.attend(qkv, attention, sla_topk, shard)
+        if fused is None:
+            x = x + sa.o(attn) * gate_sa.to(x.dtype)  # bf16, as upstream
             del attn
             x = x + self.cross_attn(self.norm3(x), ctx)
-            h = self._modulate(None, self.norm2, x, shift_ff, scale_ff)
+            h = self._modulate(self.norm2, x, shift_ff, scale_ff)
         else:  # the same math, each residual add fused with the norm that follows it
-            x, n = self._add_norm(fused, self.self_attn.o, attn, x, gate_sa, self.norm3.eps,
+            x, n = self._add_norm(fused, sa.o, attn, x, gate_sa, (self.cross_attn.q,), self.norm3.eps,
                                   weight=self.norm3.weight, bias=self.norm3.bias)
             del attn
             c = self.cross_attn.attend(n, ctx)
             del n
-            x, h = self._add_norm(fused, self.cross_attn.o, c, x, None, self.norm2.eps, shift=shift_ff, scale=scale_ff)
+            # FFN passes over token ranges take int8 rows only of a single video (token_rows)
+            ffn_in = (self.ffn[0],) if x.shape[0] == 1 or self._ffn_passes(x.shape[1]) == 1 else ()
+            x, h = self._add_norm(fused, self.cross_attn.o, c, x, None, ffn_in, self.norm2.eps,
+                                  shift=shift_ff, scale=scale_ff)
             del c
         return self._ffn_residual(x, h, gate_ff, fused)
 
     @staticmethod
-    def _add_norm(fused, layer, inp, x, gate, eps, **norm):
-        """(x + layer(inp) * gate, its norm): the add in the W8A8 GEMM's epilogue where it can be
-        (then a norm pass: the layer's output is never written), else one add + norm pass."""
+    def _add_norm(fused, layer, inp, x, gate, readers, eps, **norm):
+        """(x + layer(inp) * gate, its norm as `readers` take it): the add in the W8A8 GEMM's
+        epilogue where it can be (then `_norm`: the layer's output is never written), else one add
+        + norm pass."""
         s = linear_residual(layer, inp, x, gate)
         if s is None:
             return fused.add_norm(x, layer(inp), gate, eps, **norm)
-        return s, fused.norm(s, eps, **norm)
+        return s, Block._norm(fused, readers, s, eps, **norm)
+
+    @staticmethod
+    def _norm(fused, readers, x, eps, **norm):
+        """x's LayerNorm (affine: weight / bias; AdaLN: shift / scale) as `readers` take it: when the
+        W8A8 kernel runs them all, straight to int8 -- a QuantizedInput made from x and the norm's
+        row stats, so the normed tensor is never written and read back -- else the normed tensor."""
+        kernel = w8a8_kernel_for(x, readers)
+        if kernel is None:
+            return fused.norm(x, eps, **norm)
+        codes, scales = run_eager(kernel.quantize_norm, x, fused.norm_stats(x, eps), norm)
+        return QuantizedInput(codes, scales, x.shape, x.dtype)
 
     def _fused(self, x):
         """The fused row kernels when they apply to x (eager CUDA blocks), else None."""
@@ -307,27 +328,31 @@ class Block(nn.Module):
         return fused
 
     @staticmethod
-    def _modulate(fused, norm, x, shift, scale):
-        """AdaLN: shift + norm(x) * (1 + scale), fp32 math, in x's dtype."""
-        if fused is not None:
-            return fused.norm_modulate(x, shift, scale, norm.eps)
+    def _modulate(norm, x, shift, scale):
+        """AdaLN: shift + norm(x) * (1 + scale), fp32 math, in x's dtype (the torch ops)."""
         return torch.addcmul(shift, norm(x).float(), 1 + scale).to(x.dtype)
 
+    def _ffn_passes(self, n: int) -> int:
+        """Passes the FFN makes over n tokens (1: all at once)."""
+        return 1 if not self.ffn_chunk or n <= self.ffn_chunk else -(-n // self.ffn_chunk)
+
     def _ffn_residual(self, x, h, gate, fused=None):
-        """x + ffn(h) * gate.to(x.dtype), in passes of at most `ffn_chunk` tokens (equal sizes, 128-aligned)."""
+        """x + ffn(h) * gate.to(x.dtype), in passes of at most `ffn_chunk` tokens (equal sizes, 128-aligned);
+        h: the normed tensor, or (fused kernels) its int8 codes."""
         n = x.shape[1]
-        if not self.ffn_chunk or n <= self.ffn_chunk:
+        passes = self._ffn_passes(n)
+        if passes == 1:
             if fused is not None:
                 return self._ffn_add(fused, x, h, gate)
             return x + self._ffn(h) * gate.to(x.dtype)
-        passes = -(-n // self.ffn_chunk)
         step = -(-n // (passes * 128)) * 128
         out = torch.empty_like(x)
         for s in range(0, n, step):
+            e = min(s + step, n)
             if fused is not None:
-                self._ffn_add(fused, x[:, s:s + step], h[:, s:s + step], gate, out=out[:, s:s + step])
+                self._ffn_add(fused, x[:, s:e], token_rows(h, s, e), gate, out=out[:, s:e])
             else:
-                out[:, s:s + step] = x[:, s:s + step] + self._ffn(h[:, s:s + step]) * gate.to(x.dtype)
+                out[:, s:e] = x[:, s:e] + self._ffn(h[:, s:e]) * gate.to(x.dtype)
         return out
 
     def _ffn(self, h):

@@ -119,12 +119,34 @@ def shared_input(x: torch.Tensor, layers, gelu: bool = False) -> torch.Tensor | 
     gelu=True: the layers read GELU_tanh(x) (the FFN hidden state). The kernel's pass applies
     the GELU as it quantises (on the GPU within a few fp32 ulps of torch's GELU before the
     rounding to x's dtype; exact in the interpreter); otherwise torch's GELU of x is returned."""
-    kernel = Int8Linear.kernel
-    if kernel is None or not all(isinstance(m, Int8Linear) and m.mode == "w8a8" for m in layers) \
-            or not kernel.supports(x):
+    if isinstance(x, QuantizedInput):  # quantised already (a norm that went straight to int8)
+        return x
+    kernel = w8a8_kernel_for(x, layers)
+    if kernel is None:
         return F.gelu(x, approximate="tanh") if gelu else x
     codes, scales = run_eager(kernel.quantize, x.reshape(-1, x.shape[-1]), gelu)
     return QuantizedInput(codes, scales, x.shape, x.dtype)
+
+
+def w8a8_kernel_for(x: torch.Tensor, layers):
+    """The installed W8A8 kernel when every one of `layers` (at least one) is an Int8Linear in
+    mode "w8a8" and the kernel supports x; else None."""
+    kernel = Int8Linear.kernel
+    if kernel is None or not layers or not all(isinstance(m, Int8Linear) and m.mode == "w8a8" for m in layers) \
+            or not kernel.supports(x):
+        return None
+    return kernel
+
+
+def token_rows(x: torch.Tensor | QuantizedInput, start: int, stop: int):
+    """Tokens start:stop of x [B, L, ...]. A QuantizedInput only for B = 1 and a start on a
+    128-row tile: its codes and tile scales are then those of the slice quantised alone."""
+    if not isinstance(x, QuantizedInput):
+        return x[:, start:stop]
+    if x.shape[0] != 1 or start % TILE:
+        raise ValueError(f"token_rows: a quantised input slices only for B = 1 at multiples of {TILE}")
+    return QuantizedInput(x.codes[start:stop], x.scales[start // TILE:-(-stop // TILE)],
+                          torch.Size((1, stop - start, x.shape[-1])), x.dtype)
 
 
 def linear_residual(layer, x, residual: torch.Tensor, gate: torch.Tensor | None = None,
