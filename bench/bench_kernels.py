@@ -376,7 +376,7 @@ def block_ops_case(name, n, d, rep):
         return x + y * gate.to(bf)
 
     pairs = {
-        "norm1 + AdaLN": (t_mod, lambda: rn.norm_modulate(x, shift, scale, 1e-6)),
+        "norm1 + AdaLN": (t_mod, lambda: rn.norm(x, 1e-6, shift=shift, scale=scale)),
         "gated residual + norm3": (t_res3, lambda: rn.add_norm(x, y, gate, 1e-6, weight=norm3.weight,
                                                                    bias=norm3.bias)),
         "residual + norm2 + AdaLN": (t_res2, lambda: rn.add_norm(x, y, None, 1e-6, shift=shift, scale=scale)),

@@ -79,11 +79,11 @@ def test_block_ops_match_torch(shape, dtype):
     # norm1 + AdaLN (the modulated input of q/k/v)
     pre = norm1(x)
     ref = torch.addcmul(shift, pre.float(), 1 + scale).to(dtype)
-    h = rn.norm_modulate(x, shift, scale, EPS)
+    h = rn.norm(x, EPS, shift=shift, scale=scale)
     # the constant row normalises to exactly 0, so it gives the shift (torch's CPU layer_norm
     # leaves rounding noise of the mean there, which is why it is compared apart)
     assert torch.equal(h[0, 0], shift[0, 0].to(dtype)), f"seed {SEED} constant row {what}"
-    _check_norm(h[:, 1:], ref[:, 1:], dtype, f"norm_modulate {what}", pre[:, 1:], (1 + scale).abs(), shift)
+    _check_norm(h[:, 1:], ref[:, 1:], dtype, f"norm AdaLN {what}", pre[:, 1:], (1 + scale).abs(), shift)
 
     # gated residual + affine norm3
     x1_ref = x + y * gate.to(dtype)
@@ -118,10 +118,10 @@ def test_strided_rows_and_output_slices():
     # [D] and [1, 1, D] vectors broadcast over the batch, as torch would
     pre = LayerNorm(d, EPS)(xs)
     ref = torch.addcmul(shift[0], pre.float(), 1 + scale[0]).to(torch.bfloat16)
-    _check_norm(rn.norm_modulate(xs, shift[0], scale[0], EPS)[:, 1:], ref[:, 1:], torch.bfloat16, "broadcast",
+    _check_norm(rn.norm(xs, EPS, shift=shift[0], scale=scale[0])[:, 1:], ref[:, 1:], torch.bfloat16, "broadcast",
                 pre[:, 1:], (1 + scale[0]).abs(), shift)  # row 0 is the constant one (see above)
-    assert torch.equal(rn.norm_modulate(xs, shift[0, 0], scale[0, 0], EPS),
-                       rn.norm_modulate(xs, shift[:1], scale[:1], EPS))
+    assert torch.equal(rn.norm(xs, EPS, shift=shift[0, 0], scale=scale[0, 0]),
+                       rn.norm(xs, EPS, shift=shift[:1], scale=scale[:1]))
     # a last dim with a stride is copied first (same result)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(rn.gated_add(xt, y, gate), rn.gated_add(x, y, gate))
@@ -135,7 +135,7 @@ def test_bad_inputs_raise_and_supports():
     with pytest.raises(ValueError, match=r"gate must be \[B, 1, 256\]"):
         rn.gated_add(x, x, torch.randn(3, 1, 256))
     with pytest.raises(ValueError, match=r"shift must be"):
-        rn.norm_modulate(x, torch.randn(2, 1, 128), v, EPS)
+        rn.norm(x, EPS, shift=torch.randn(2, 1, 128), scale=v)
     with pytest.raises(ValueError, match=r"weight and bias must be \[256\]"):
         rn.add_norm(x, x, None, EPS, weight=torch.ones(128), bias=torch.zeros(256))
     with pytest.raises(ValueError, match=r"out must be"):
@@ -153,7 +153,7 @@ def test_matches_torch_layer_norm_statistics():
     """The kernel's LayerNorm is F.layer_norm's (biased variance, eps inside the sqrt)."""
     x = torch.randn(3, 7, 640, dtype=torch.float64).float() * 5 + 3
     zero = torch.zeros(1, 1, 640)
-    out = rn.norm_modulate(x, zero, zero, 1e-3)
+    out = rn.norm(x, 1e-3, shift=zero, scale=zero)
     ref = F.layer_norm(x.double(), (640,), eps=1e-3).float()
     assert float((out - ref).abs().max()) <= 2e-6 * float(ref.abs().max())
 

@@ -13,9 +13,9 @@ In PyTorch each line is 2-4 kernels with fp32 temporaries of the whole [L, D]
 (at 14B-720p 1.5 GiB each). Here each line, or an add followed by its norm, is
 one pass: the inputs are read once, the sum and the normed row written once.
 
-`add_norm(x, y, gate, eps, ...)`, `norm(x, eps, ...)`, `norm_modulate(x, shift, scale, eps)`
-and `gated_add(x, y, gate, out=None)` keep the torch path's rounding points (where the W8A8
-GEMM adds the residual in its epilogue, the same rounding, the block runs `norm` alone):
+`add_norm(x, y, gate, eps, ...)`, `norm(x, eps, ...)` and `gated_add(x, y, gate, out=None)`
+keep the torch path's rounding points (where the W8A8 GEMM adds the residual in its
+epilogue, the same rounding, the block runs `norm` alone):
   * y * gate and x + (y * gate) are each rounded to x's dtype (bf16 math in
     torch); the gate is first rounded to x's dtype (`gate.to(x.dtype)`);
   * LayerNorm statistics are fp32 (two-pass mean / variance), the plain norm is
@@ -276,11 +276,6 @@ def norm_stats(x, eps):
     """Per-row LayerNorm statistics of x [B, L, D]: [B, L, 2] fp32 (mean, rstd), as the norms here
     compute them; `w8a8_triton.quantize_norm` makes a norm's int8 codes from x and these."""
     return _launch(x, None, None, None, NORM_PLAIN, None, None, None, None, eps, stats=True)[1]
-
-
-def norm_modulate(x, shift, scale, eps):
-    """(shift + LN(x).to(x.dtype) * (1 + scale)).to(x.dtype): a block's norm1 / norm2 with AdaLN."""
-    return norm(x, eps, shift=shift, scale=scale)
 
 
 def gated_add(x, y, gate, out=None):
