@@ -315,6 +315,23 @@ def w8a8_case(m, kdim, n, rep):
     record(case, "  activation quant only", bench_ms(lambda: w8a8_triton.quantize_act(x), rep))
     record(case, "  int8 gemm only", bench_ms(lambda: w8a8_triton.w8a8_gemm(xq, xs, qw, sw, bias), rep),
            flops)
+    # the block's gated residual add in the GEMM's epilogue, against the GEMM then the fused add
+    from turbo_core.kernels import residual_norm_triton as rn
+    res = torch.randn(m, n, device=DEV, generator=g).to(torch.bfloat16)
+    gate = 0.5 * torch.randn(n, device=DEV, generator=g)
+
+    def gemm_then_add():
+        y = w8a8_triton.w8a8_gemm(xq, xs, qw, sw, bias)
+        return rn.gated_add(res[None], y[None], gate.view(1, 1, n))[0]
+
+    def gemm_epilogue():
+        return w8a8_triton.w8a8_gemm(xq, xs, qw, sw, bias, residual=res, gate=gate)
+
+    CHECKS[case]["residual_epilogue_mismatches"] = int((gemm_epilogue() != gemm_then_add()).sum())
+    base = record(case, "int8 gemm, then gated residual add", bench_ms(gemm_then_add, rep))
+    record(case, "int8 gemm with the gated residual add in its epilogue", bench_ms(gemm_epilogue, rep),
+           baseline_ms=base)
+    del res
     INFO.setdefault("tuned_gemm", {}).update({str(key): cfg for key, cfg in w8a8_triton._tuned.items()})
     for key, times in w8a8_triton.TUNE_TIMES.items():
         if key[:3] == (m, n, kdim):
@@ -394,6 +411,25 @@ def block_ops_case(name, n, d, rep):
             checks[key + " max abs diff"] = float(diff.max())
         base = record(case, f"{what}: torch ops", bench_ms(torch_fn, rep))
         record(case, f"{what}: fused Triton", bench_ms(fused_fn, rep), baseline_ms=base)
+    # norms straight to int8 (every reader a W8A8 layer): row stats + a normalising quantisation,
+    # against the normed tensor then its quantisation; codes compared
+    from turbo_core.kernels import w8a8_triton
+    for what, params in (("norm3", dict(weight=norm3.weight, bias=norm3.bias)),
+                         ("norm1 + AdaLN", dict(shift=shift, scale=scale))):
+        def two_passes():
+            h = rn.norm(x, 1e-6, **params)
+            return w8a8_triton.quantize_act(h.reshape(-1, d))
+
+        def straight():
+            return w8a8_triton.quantize_norm(x, rn.norm_stats(x, 1e-6), **params)
+
+        (q1, s1), (q2, s2) = two_passes(), straight()
+        checks[f"{what} to int8: differing codes"] = int((q1 != q2).sum())
+        checks[f"{what} to int8: max code difference"] = int((q1.int() - q2.int()).abs().max())
+        checks[f"{what} to int8: differing tile scales"] = int((s1 != s2).sum())
+        base = record(case, f"{what} to int8: norm, then quantisation", bench_ms(two_passes, rep))
+        record(case, f"{what} to int8: row stats + normalising quantisation", bench_ms(straight, rep),
+               baseline_ms=base)
     record(case, "  floor: bf16 copy of x", bench_ms(lambda: x.clone(), rep))
     CHECKS[case] = checks
     log(f"check {case}: {checks}")
