@@ -255,12 +255,17 @@ def _launch(x, y, gate, out, norm, weight, bias, shift, scale, eps, stats=False)
     return out, nrm
 
 
+def _mode(weight, shift) -> int:
+    """The norm the keywords ask for: affine (weight / bias), AdaLN (shift / scale) or plain."""
+    return NORM_AFFINE if weight is not None else NORM_MODULATE if shift is not None else NORM_PLAIN
+
+
 def add_norm(x, y, gate, eps, *, weight=None, bias=None, shift=None, scale=None):
     """(x + y * gate.to(x.dtype) [or x + y without gate], its LayerNorm) in x.dtype.
 
     The norm is affine (`weight`, `bias` fp32 [D]: norm3), or modulated (`shift`,
     `scale` [B, 1, D] fp32: shift + LN(.)(1 + scale), norm2), or plain."""
-    mode = NORM_AFFINE if weight is not None else NORM_MODULATE if shift is not None else NORM_PLAIN
+    mode = _mode(weight, shift)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return _launch(x, y, gate, out, mode, weight, bias, shift, scale, eps)
 
@@ -268,7 +273,7 @@ def add_norm(x, y, gate, eps, *, weight=None, bias=None, shift=None, scale=None)
 def norm(x, eps, *, weight=None, bias=None, shift=None, scale=None):
     """LN(x) in x.dtype: affine (`weight`, `bias`: norm3), modulated (`shift`, `scale`: norm1 /
     norm2 with AdaLN, shift + LN(x).to(x.dtype) * (1 + scale)), or plain; as `add_norm`'s norm."""
-    mode = NORM_AFFINE if weight is not None else NORM_MODULATE if shift is not None else NORM_PLAIN
+    mode = _mode(weight, shift)
     return _launch(x, None, None, None, mode, weight, bias, shift, scale, eps)[1]
 
 

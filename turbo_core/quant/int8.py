@@ -156,8 +156,8 @@ def linear_residual(layer, x, residual: torch.Tensor, gate: torch.Tensor | None 
     when given. None where that path does not apply (the caller adds): not an Int8Linear running
     the kernel, a gate that differs between batch entries, a residual or out that is not one
     contiguous [..., N] block. Rounded as torch's ops in x's dtype (and the fused row kernels)."""
-    kernel = Int8Linear.kernel
-    if not isinstance(layer, Int8Linear) or layer.mode != "w8a8" or kernel is None or compiling():
+    kernel = None if compiling() else w8a8_kernel_for(residual, (layer,))  # residual: x's dtype and device
+    if kernel is None:
         return None
     n = layer.out_features
     if gate is not None and gate.numel() != n:  # one gate for all rows only ([1, 1, N] or B == 1)
