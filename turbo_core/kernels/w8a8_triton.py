@@ -49,7 +49,7 @@ import triton.language as tl
 
 from ..quant.int8 import QuantizedInput
 from . import sla_triton, w8a8_gluon
-from .residual_norm_triton import _norm_out
+from .residual_norm_triton import NORM_AFFINE, NORM_MODULATE, _norm_out
 from .sla_triton import AUTOTUNE, INTERPRET, _cast, _int8_code, _to_f32, pick_config
 
 try:  # triton >= 3.3: host-side TMA descriptors
@@ -134,7 +134,7 @@ def _norm_quant_kernel(X, ST, W, BI, SH, SC, XQ, XS, M, L, K, KT, sxb, sxl, ssb,
                        NORM: tl.constexpr, ONE_BATCH: tl.constexpr, INTERPRET: tl.constexpr):
     """`_act_quant_kernel` on the normed rows of x [B, L, K] (rows b * L + l), made from x and the
     norm's per-row (mean, rstd) with `residual_norm_triton`'s own `_norm_out`: the codes of the
-    normed tensor, which is never written (NORM 2: affine W, BI; 3: AdaLN SH, SC)."""
+    normed tensor, which is never written (NORM: NORM_AFFINE with W, BI; NORM_MODULATE with SH, SC)."""
     pm = tl.program_id(0)
     pk = tl.program_id(1)
     rows = pm * 128 + tl.arange(0, 128)
@@ -149,10 +149,10 @@ def _norm_quant_kernel(X, ST, W, BI, SH, SC, XQ, XS, M, L, K, KT, sxb, sxl, ssb,
     mean = tl.load(ST + rows.to(tl.int64)[:, None] * 2, mask=rmask[:, None], other=0.0)
     rstd = tl.load(ST + rows.to(tl.int64)[:, None] * 2 + 1, mask=rmask[:, None], other=0.0)
     if ONE_BATCH:  # one video: the AdaLN shift / scale are one [128] vector per tile, not a gather
-        h = _norm_out((x - mean) * rstd, W, BI, SH, SC, 0, cols[None, :], cmask[None, :], ssb, stb, dt, NORM,
-                      INTERPRET)
+        vb, vmask = 0, cmask[None, :]
     else:
-        h = _norm_out((x - mean) * rstd, W, BI, SH, SC, b, cols[None, :], mask, ssb, stb, dt, NORM, INTERPRET)
+        vb, vmask = b, mask
+    h = _norm_out((x - mean) * rstd, W, BI, SH, SC, vb, cols[None, :], vmask, ssb, stb, dt, NORM, INTERPRET)
     h = tl.where(mask, _to_f32(h, INTERPRET), 0.0)
     amax = tl.maximum(tl.max(tl.max(tl.abs(h), 1), 0), 1e-8)
     mult = tl.math.div_rn(128.0, amax)
@@ -178,13 +178,14 @@ def quantize_norm(x, stats, *, weight=None, bias=None, shift=None, scale=None):
     if m == 0 or k == 0:
         return q, s
     if weight is not None:
-        norm, w, bi, sh, sc = 2, weight.float().contiguous(), bias.float().contiguous(), stats, stats
+        norm, w, bi, sh, sc = NORM_AFFINE, weight.float().contiguous(), bias.float().contiguous(), stats, stats
+        ssb = stb = 0
     else:
-        norm, w, bi = 3, stats, stats
+        norm, w, bi = NORM_MODULATE, stats, stats
         sh, sc = (t.float().expand(bsz, 1, k) for t in (shift, scale))
         sh, sc = (t if t.stride(-1) == 1 else t.contiguous() for t in (sh, sc))
-    _norm_quant_kernel[(mt, kt)](x, stats, w, bi, sh, sc, q, s, m, n, k, kt, x.stride(0), x.stride(1),
-                                 sh.stride(0) if norm == 3 else 0, sc.stride(0) if norm == 3 else 0,
+        ssb, stb = sh.stride(0), sc.stride(0)
+    _norm_quant_kernel[(mt, kt)](x, stats, w, bi, sh, sc, q, s, m, n, k, kt, x.stride(0), x.stride(1), ssb, stb,
                                  NORM=norm, ONE_BATCH=bsz == 1, INTERPRET=INTERPRET, num_warps=8,
                                  **({} if INTERPRET else {"enable_fp_fusion": False}))
     return q, s
