@@ -366,10 +366,13 @@ def linear_state(k: torch.Tensor, v: torch.Tensor, chunk: int | None = None):
 
 # SUB rows per step (ptxas, sm90: 64 rows / 8 warps: 155 registers, one program
 # per SM; 128 rows: 244). H100, ms at 1.3B / 14B: SUB=128 3 stages 0.167 / 1.07;
-# SUB=64 2-4 stages 0.19 / 1.35-1.47 (latency-bound: ~1.4 TB/s of k and v).
+# SUB=64 2-4 stages 0.19 / 1.35-1.47 (latency-bound: ~1.4 TB/s of k and v);
+# session 12 (one sweep): SUB=64 on 4 warps, 2 stages 0.145 / 0.98-0.99, against
+# 0.165 / 1.10 for SUB=128 3 stages (4-16 programs per SM change little).
 LINEAR_CONFIGS = [
     dict(SUB=128, num_warps=8, num_stages=3),
     dict(SUB=64, num_warps=8, num_stages=2),
+    dict(SUB=64, num_warps=4, num_stages=2),
 ]
 
 
@@ -593,6 +596,10 @@ def _sla_attn_kernel(
 #   NBI=1 ROWS=64  4 warps 3 stages   1.41-1.43 / 26.0-27.4   fp8 1.16-1.18 / 17.3-17.4; bf16 1.61 / 24.9-25.6
 #   NBI=2 ROWS=128 8 warps 3 stages   1.56-1.62 / 25.1-26.3
 #   NBI=1 ROWS=64  4 warps 2 stages   1.63-1.66 / 32-33      fp8 1.18-1.19 / 18.3;      bf16 1.22 / 20.7-21.2
+# Session 12 (fp8 V, kernel alone, do_bench, two runs each): capped at 168 registers the 2-stage
+# config fits three programs per SM (74 KB of shared memory each; its main loop stays spill-free,
+# only the linear epilogue spills): 1.03-1.07 / 17.0-17.6 against 1.08-1.10 / 17.3 for 3 stages
+# (1.13-1.14 / 18.4-21.4 uncapped); without the linear branch 0.84-0.88 vs 0.93 at 1.3B.
 # (also tried: NBI=2 with 64 rows or 2 stages, 8 warps on 64 rows: slower;
 # issuing the next q K^T before this softmax so they overlap: 30% slower in
 # triton, which then passes P to the PV MMA through shared memory.)
@@ -601,6 +608,7 @@ ATTN_CONFIGS = [
     dict(NBI=1, ROWS=64, num_warps=4, num_stages=3),
     dict(NBI=2, ROWS=128, num_warps=8, num_stages=3),
     dict(NBI=1, ROWS=64, num_warps=4, num_stages=2),
+    dict(NBI=1, ROWS=64, num_warps=4, num_stages=2, maxnreg=168),
 ]
 INTERP_CONFIG = dict(NBI=2, num_warps=4, num_stages=1)  # ROWS = BLKQ
 _tuned: dict = {}
