@@ -183,11 +183,16 @@ def test_linear_state_matches_reference_and_chunking():
     phi = torch.softmax(kt, -1)
     kv_ref = (phi.transpose(-1, -2) @ vt).reshape(2, 128, 128)
     z_ref = phi.sum(-2).reshape(2, 128)
+    vmax_ref = v.float().abs().amax(1)  # [B, H, D]
     for chunk in (64, 128, 1024):
         kv, z = sla_triton.linear_state(k, v, chunk=chunk)
         assert kv.dtype == torch.bfloat16
         assert rel_l2(kv, kv_ref) <= 4e-3
         assert rel_l2(z, z_ref) <= 4e-3
+        # the same pass can give SageSLA's V scales: exact, and the state is unchanged
+        kv2, z2, vmax = sla_triton.linear_state(k, v, chunk=chunk, v_absmax=True)
+        assert torch.equal(kv2, kv) and torch.equal(z2, z)
+        assert torch.equal(vmax, vmax_ref)
 
 
 def test_backend_function_and_install(monkeypatch):

@@ -17,7 +17,9 @@ QK_INT8 / V_FP8 switches):
   * S = (int8 q . int8 k^T as int32) * s_q * s_k, online softmax as in SLA;
   * V (v_fp8=True): fp8 e4m3 with one scale per (batch, head, channel),
     scale = max_L |v| / 448 (upstream uses 2.25 to protect its fp16 PV
-    accumulator; ours accumulates in fp32, so the full e4m3 range is used),
+    accumulator; ours accumulates in fp32, so the full e4m3 range is used;
+    max_L |v| comes from the linear branch's state pass over v when there is
+    one, else from `channel_absmax`),
     stored transposed [B*H, D, L_pad] so the fp8 MMA reads it K-major (zero
     padding: its loads need no mask). P is scaled by 448 into fp8 (log2(448)
     added to the exp2 argument) and each block's P@V is accumulated in fp32
@@ -50,7 +52,8 @@ import triton.language as tl
 
 from ..attention.sla_reference import BLKK, BLKQ
 from . import sla_triton
-from .sla_triton import (INTERPRET, _check_layout, _fp8_grid, attention_launch, block_lut, sla_forward)
+from .sla_triton import (INTERPRET, _check_layout, _fp8_grid, attention_launch, block_lut, linear_state,
+                         sla_forward)
 from .sla_triton import supports as _sla_supports
 
 FP8_MAX = 448.0
@@ -111,10 +114,11 @@ def channel_absmax(v: torch.Tensor) -> torch.Tensor:
     return part.amax(1).view(b, h, d)
 
 
-def quantize_v_fp8(v: torch.Tensor, pad_to: int = 128):
-    """v [B,L,H,D] -> (V^T fp8 [B*H, D, L_pad], per-channel scale fp32 [B*H, D])."""
+def quantize_v_fp8(v: torch.Tensor, pad_to: int = 128, amax: torch.Tensor | None = None):
+    """v [B,L,H,D] -> (V^T fp8 [B*H, D, L_pad], per-channel scale fp32 [B*H, D]).
+    amax: `channel_absmax(v)` if already known (`linear_state(..., v_absmax=True)`)."""
     b, n, h, d = v.shape
-    amax = channel_absmax(v).clamp_min(1e-8)
+    amax = (channel_absmax(v) if amax is None else amax).clamp_min(1e-8)
     vsc = (amax / FP8_MAX).reshape(b * h, d).contiguous()
     vinv = (FP8_MAX / amax).reshape(b * h, d).contiguous()
     lp = triton.cdiv(n, pad_to) * pad_to
@@ -165,10 +169,15 @@ def sagesla_forward(q, k, v, proj_l_weight=None, proj_l_bias=None, topk: float =
     if dtype != torch.bfloat16:
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     sage = dict(qc=qc, qs=qs, kc=kc, ks=ks)
+    linear = vmax = None
+    if proj_l_weight is not None:  # the linear branch's pass over v also gives V's scales
+        linear = linear_state(k, v, v_absmax=v_fp8)
+        if v_fp8:
+            linear, vmax = linear[:2], linear[2]
     if v_fp8:
-        sage["vt"], sage["vsc"] = quantize_v_fp8(v)
+        sage["vt"], sage["vsc"] = quantize_v_fp8(v, amax=vmax)
     out = attention_launch(q, k, v, lut, proj_w=proj_l_weight, proj_b=proj_l_bias, sage=sage,
-                           blkq=blkq, blkk=blkk, config=config)
+                           blkq=blkq, blkk=blkk, config=config, linear=linear)
     return out if dtype == torch.bfloat16 else out.to(dtype)
 
 

@@ -298,11 +298,12 @@ def lut_to_map(lut: torch.Tensor, n_kblocks: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- linear branch state
 
 @triton.jit(do_not_specialize=["L", "H", "NCH", "CH"])
-def _linear_kv_kernel(K, V, KVP, ZP,
+def _linear_kv_kernel(K, V, KVP, ZP, VMP,
                       L, H, NCH, CH,
                       skb, skl, skh, svb, svl, svh,
-                      D: tl.constexpr, SUB: tl.constexpr, INTERPRET: tl.constexpr):
-    """Partial phi(k)^T v and sum phi(k) over rows [c*CH, (c+1)*CH) of one head."""
+                      D: tl.constexpr, SUB: tl.constexpr, V_ABSMAX: tl.constexpr, INTERPRET: tl.constexpr):
+    """Partial phi(k)^T v and sum phi(k) over rows [c*CH, (c+1)*CH) of one head; V_ABSMAX
+    also max |v| per channel (SageSLA's fp8 V scale) from the same v tiles."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     bh64 = bh.to(tl.int64)
@@ -314,6 +315,9 @@ def _linear_kv_kernel(K, V, KVP, ZP,
     v_base = V + b * svb + h * svh
     kv = tl.zeros([D, D], tl.float32)
     z = tl.zeros([D], tl.float32)
+    # max |v| elementwise in v's dtype, reduced over rows once at the end: a column max per tile
+    # added as much time as channel_absmax's own pass (H100, RESULTS.md session 13)
+    vm = tl.zeros([SUB, D], v_base.dtype.element_ty)
     start = c * CH
     end = tl.minimum(L, start + CH)
     for r0 in range(start, end, SUB):
@@ -328,14 +332,19 @@ def _linear_kv_kernel(K, V, KVP, ZP,
         vx = tl.load(v_base + rows[:, None].to(tl.int64) * svl + offs_d[None, :], mask=ok[:, None], other=0.0)
         kv += _dot(tl.trans(phi).to(tl.bfloat16), vx, INTERPRET)
         z += tl.sum(phi, 0)
+        if V_ABSMAX:  # masked rows loaded as 0
+            vm = tl.maximum(vm, tl.abs(vx)).to(vm.dtype)
     out = bh64 * NCH + c
     tl.store(KVP + out * D * D + offs_d[:, None] * D + offs_d[None, :], kv)
     tl.store(ZP + out * D + offs_d, z)
+    if V_ABSMAX:
+        tl.store(VMP + out * D + offs_d, tl.max(vm.to(tl.float32), 0))
 
 
-def linear_state(k: torch.Tensor, v: torch.Tensor, chunk: int | None = None):
+def linear_state(k: torch.Tensor, v: torch.Tensor, chunk: int | None = None, v_absmax: bool = False):
     """k, v [B,L,H,D] bf16 -> KV bf16 [B*H, D, D] (phi(k)^T v) and Z fp32 [B*H, D]
-    (sum phi(k), rounded to bf16 like the reference's bf16 sum)."""
+    (sum phi(k), rounded to bf16 like the reference's bf16 sum); with v_absmax also
+    max over L of |v|, fp32 [B,H,D] (exact), read from the same pass over v."""
     b, n, h, d = k.shape
     out = {}
 
@@ -350,17 +359,20 @@ def linear_state(k: torch.Tensor, v: torch.Tensor, chunk: int | None = None):
         nch = triton.cdiv(n, ch)
         kvp = torch.empty(b * h, nch, d, d, dtype=torch.float32, device=k.device)
         zp = torch.empty(b * h, nch, d, dtype=torch.float32, device=k.device)
+        vmp = torch.empty(b * h, nch, d, dtype=torch.float32, device=k.device) if v_absmax else zp
         _linear_kv_kernel[(nch, b * h)](
-            k, v, kvp, zp, n, h, nch, ch,
+            k, v, kvp, zp, vmp, n, h, nch, ch,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            D=d, SUB=sub, INTERPRET=INTERPRET, **cfg)
-        out["parts"] = kvp, zp
+            D=d, SUB=sub, V_ABSMAX=v_absmax, INTERPRET=INTERPRET, **cfg)
+        out["parts"] = kvp, zp, vmp
 
-    config = pick_config(("linear_state", n, b, h, d, chunk), LINEAR_CONFIGS, launch)
+    config = pick_config(("linear_state", n, b, h, d, chunk, v_absmax), LINEAR_CONFIGS, launch)
     launch(config)
-    kvp, zp = out["parts"]
+    kvp, zp, vmp = out["parts"]
     kv = kvp.sum(1).to(torch.bfloat16).contiguous()
     z = zp.sum(1).to(torch.bfloat16).float().contiguous()
+    if v_absmax:
+        return kv, z, vmp.amax(1).view(b, h, d)
     return kv, z
 
 
