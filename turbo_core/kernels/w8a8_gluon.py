@@ -25,10 +25,10 @@ GEMM is bound by L2 -> SM bandwidth (ncu: L2 76-79% busy, tensor pipe 56%), so t
 with an int32 MMA tile and an fp32 accumulator per output, three 64 x 128 warpgroups (160
 registers each) are what the register file holds. Each warpgroup keeps one MMA in flight and
 waits for it within the same loop trip: an in-flight result carried into the next trip makes
-ptxas serialise every wgmma (its C7514 warning). Not used, measured slower (RESULTS, session 14):
-TMA multicast over a 2-CTA cluster (its stage release needs a cluster-wide barrier, which costs
-more than the 20-30% less L2 traffic saves), the integer-add conversion instead of I2FP, and
-two half-width MMAs per K tile.
+ptxas serialise every wgmma (its C7514 warning). At this shape ncu shows no unit saturated
+(tensor pipe 63%, L2 71%, issue 52%; session 14): latency, not L2, is what is left, so these were
+slower: TMA multicast over a 2-CTA cluster (its stage release needs a cluster-wide barrier),
+the integer-add conversion instead of I2FP, and two half-width MMAs per K tile.
 
 Gluon has no CPU interpreter: tests/gpu runs it against the reference and the Triton kernel;
 tests/kernels compiles it for sm90 on the CPU (ptxas) and checks wgmma is not serialised.
