@@ -28,7 +28,9 @@ waits for it within the same loop trip: an in-flight result carried into the nex
 ptxas serialise every wgmma (its C7514 warning). At this shape ncu shows no unit saturated
 (tensor pipe 63%, L2 71%, issue 52%; session 14): latency, not L2, is what is left, so these were
 slower: TMA multicast over a 2-CTA cluster (its stage release needs a cluster-wide barrier),
-the integer-add conversion instead of I2FP, and two half-width MMAs per K tile.
+the integer-add conversion instead of I2FP, and two half-width MMAs per K tile. A 128-row tile
+(two warpgroups of 232 registers) lost by 6-9% even with two MMAs in flight per warpgroup, and
+so did writing the FFN hidden state's int8 codes from its epilogue (session 15).
 
 Gluon has no CPU interpreter: tests/gpu runs it against the reference and the Triton kernel;
 tests/kernels compiles it for sm90 on the CPU (ptxas) and checks wgmma is not serialised.
