@@ -6,7 +6,8 @@
 
 One step = one forward of the network at 81 frames (21 latent frames):
 1.3B-480p: latent [1,16,21,60,104] (L = 32760); 14B-720p: [1,16,21,90,160] (L = 75600).
-Prints a markdown table; writes $OUT/bench_dit.json when OUT is set.
+Prints a markdown table, with the GPU's median SM clock and mean power during the timed steps
+(bench/gpu_power.py); writes $OUT/bench_dit.json when OUT is set.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gpu_power import PowerSampler  # noqa: E402
 from turbo_core.models.dit_loader import dit_from_state_dict  # noqa: E402
 from turbo_core.tiny import quantize_state_dict, tiny_dit_state_dict  # noqa: E402
 
@@ -49,15 +51,16 @@ def time_forward(model, x, t, ctx, attention, reps):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model(x, t, ctx, attention=attention)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    with PowerSampler(torch.cuda.current_device()) as power:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(x, t, ctx, attention=attention)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
     times.sort()
     # a replayed graph allocates nothing: its activations are the pool reserved for it
     peak = torch.cuda.max_memory_reserved() if model.cuda_graphs else torch.cuda.max_memory_allocated()
-    return times[len(times) // 2], peak / 2**30
+    return times[len(times) // 2], peak / 2**30, power.summary()
 
 
 def profile_step(model, x, t, ctx, attention):
@@ -137,11 +140,11 @@ def main():
                         + (" +graphs" if args.cuda_graphs else "") \
                         + (f" {args.linear}" if weights == "int8" and args.linear != "w8a8" else "")
                     try:
-                        sec, peak = time_forward(model, x, t, ctx, attention, args.reps)
+                        sec, peak, power = time_forward(model, x, t, ctx, attention, args.reps)
                         if args.profile:
                             profile_step(model, x, t, ctx, attention)
                         rows.append(dict(model=name, weights=weights, attention=label, step_s=sec,
-                                         peak_gib=peak, weights_gib=weights_gib))
+                                         peak_gib=peak, weights_gib=weights_gib, power=power))
                     except Exception as err:  # keep the other rows
                         rows.append(dict(model=name, weights=weights, attention=label, error=repr(err)[:300]))
                         torch.cuda.empty_cache()
@@ -150,13 +153,16 @@ def main():
             torch._dynamo.reset()  # compiled blocks hold the model alive otherwise
             gc.collect()
             torch.cuda.empty_cache()
-    print("\n| model | weights | attention | step (s) | peak GiB | weights GiB |\n|---|---|---|---|---|---|")
+    print("\n| model | weights | attention | step (s) | peak GiB | weights GiB | SM MHz (median) | W (mean, of limit) "
+          "|\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['weights']} | {r['attention']} | error: {r['error']} | | |")
+            print(f"| {r['model']} | {r['weights']} | {r['attention']} | error: {r['error']} | | | | |")
         else:
+            p = r["power"]
+            clocks = f"{p['sm_mhz']} | {p['watts']} of {p['limit_w']}" if p["samples"] else "n/a | n/a"  # no nvidia-smi
             print(f"| {r['model']} | {r['weights']} | {r['attention']} | {r['step_s']:.3f} | {r['peak_gib']:.1f} "
-                  f"| {r['weights_gib']:.1f} |")
+                  f"| {r['weights_gib']:.1f} | {clocks} |")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_dit.json"), "w") as f:
             json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)

@@ -9,7 +9,8 @@
     parts), our SageSLA-class (int8 QK + fp8 V, and int8 QK + bf16 V).
 (c) W8A8 linear at M=32760, (K,N) in (1536,1536) (1536,8960) (8960,1536) (5120,13824):
     activation quant + int8 GEMM (bit-exact; every config checked at full size; and each part) vs
-    bf16 F.linear (cuBLAS); plus bf16 cuBLAS TFLOP/s at 8192^3; and the FFN hidden state's GELU +
+    bf16 F.linear (cuBLAS), also both for 2 s back to back with the SM clock and power meanwhile
+    (bench/gpu_power.py); plus bf16 cuBLAS TFLOP/s at 8192^3; and the FFN hidden state's GELU +
     quantisation in one pass vs torch's GELU then the quantisation (1.3B and 14B pass sizes).
 (d) the DiT block's row-wise glue at 1.3B-480p (L=32760, D=1536) and 14B-720p (L=75600,
     D=5120): norm1 + AdaLN, gated residual + norm3, residual + norm2 + AdaLN, gated FFN
@@ -105,6 +106,24 @@ def bench_ms(fn, rep: int) -> float:
         return float(do_bench(fn, warmup=max(10, rep // 4), rep=rep, quantiles=[0.5]))
 
 
+def sustained_ms(fn, seconds: float = 2.0):
+    """ms per call over `seconds` of back-to-back calls, and the GPU's SM clock / power meanwhile
+    (do_bench's short windows can run at a clock the power cap does not allow for long)."""
+    from gpu_power import PowerSampler
+
+    first = bench_ms(fn, 20)
+    n = max(3, int(seconds * 1e3 / max(first, 1e-3)))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    with PowerSampler(torch.cuda.current_device()) as power:
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+    return start.elapsed_time(end) / n, power.summary()
+
+
 def record(case, impl, ms, flops=None, baseline_ms=None, **extra):
     row = dict(case=case, impl=impl, ms=round(ms, 4))
     if flops:
@@ -114,7 +133,7 @@ def record(case, impl, ms, flops=None, baseline_ms=None, **extra):
     row.update(extra)
     RESULTS.append(row)
     log(f"{case:28s} {impl:34s} {ms:9.3f} ms" + (f"  {row['tflops']:7.1f} TFLOP/s" if flops else "")
-        + (f"  x{row['speedup']}" if baseline_ms else ""))
+        + (f"  x{row['speedup']}" if baseline_ms else "") + (f"  {extra['power']}" if "power" in extra else ""))
     return ms
 
 
@@ -312,6 +331,11 @@ def w8a8_case(m, kdim, n, rep):
     flops = 2 * m * n * kdim
     base = record(case, "bf16 F.linear (cuBLAS)", bench_ms(lambda: F.linear(x, wf, bias), rep), flops)
     record(case, "W8A8 triton (quant+gemm)", bench_ms(lambda: kern(x, qw, sw, bias), rep), flops, base)
+    if DEV == "cuda":  # the same two for 2 s each: at the power cap, at the clock it allows
+        ms, power = sustained_ms(lambda: F.linear(x, wf, bias))
+        base2 = record(case, "bf16 F.linear, 2 s back to back", ms, flops, power=power)
+        ms, power = sustained_ms(lambda: kern(x, qw, sw, bias))
+        record(case, "W8A8 triton (quant+gemm), 2 s back to back", ms, flops, base2, power=power)
     record(case, "  activation quant only", bench_ms(lambda: w8a8_triton.quantize_act(x), rep))
     record(case, "  int8 gemm only", bench_ms(lambda: w8a8_triton.w8a8_gemm(xq, xs, qw, sw, bias), rep),
            flops)
@@ -448,7 +472,9 @@ def cublas_peak(rep):
 def table() -> str:
     lines = ["| case | implementation | ms | TFLOP/s | speedup |", "|---|---|---:|---:|---:|"]
     for r in RESULTS:
-        lines.append(f"| {r['case']} | {r['impl'].strip()}{' (part)' if r['impl'].startswith('  ') else ''} | "
+        p = r.get("power", {})
+        clock = f" ({p['sm_mhz']} MHz, {p['watts']} W)" if p.get("samples") else ""
+        lines.append(f"| {r['case']} | {r['impl'].strip()}{' (part)' if r['impl'].startswith('  ') else ''}{clock} | "
                      f"{r['ms']:.3f} | {r.get('tflops', '')} | {('x' + str(r['speedup'])) if 'speedup' in r else ''} |")
     return "\n".join(lines)
 
