@@ -10,13 +10,14 @@ less or nothing in a long run at the cap (bench/RESULTS.md, session 16).
 """
 from __future__ import annotations
 
+import datetime
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
 
-FIELDS = "clocks.sm,power.draw,power.limit"
+FIELDS = "timestamp,clocks.sm,power.draw,power.limit"
 
 
 def _gpu_id(index: int) -> str:
@@ -27,18 +28,21 @@ def _gpu_id(index: int) -> str:
     return f"GPU-{uuid}" if uuid is not None else str(index)
 
 
-def parse(lines) -> dict:
-    """Summary of nvidia-smi csv lines `clock, watts, limit` (noheader, nounits). The power-cap
-    bit of the clock event reasons is no use here: it was set in 90% of the samples of a 1.3B step
-    whose median clock was 1965 MHz."""
+def parse(lines, start: float = float("-inf"), end: float = float("inf")) -> dict:
+    """Summary of nvidia-smi csv lines `timestamp, clock, watts, limit` (noheader, nounits) taken
+    between `start` and `end` (time.time()). The power-cap bit of the clock event reasons is no use
+    here: it was set in 90% of the samples of a 1.3B step whose median clock was 1965 MHz."""
     clocks, watts, limits = [], [], []
     for line in lines:
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 3:
+        if len(parts) != 4:
             continue
         try:
-            clock, power, limit = int(float(parts[0])), float(parts[1]), float(parts[2])
+            when = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()  # local time
+            clock, power, limit = int(float(parts[1])), float(parts[2]), float(parts[3])
         except ValueError:  # "[N/A]", a torn line
+            continue
+        if not start <= when <= end:  # the idle GPU before and after the timed work
             continue
         clocks.append(clock)
         watts.append(power)
@@ -53,6 +57,7 @@ class PowerSampler:
     def __init__(self, index: int = 0, period_ms: int = 100):
         self.index, self.period_ms = index, period_ms
         self.proc = self.file = None
+        self.start = 0.0
         self.result = {"samples": 0}
 
     def __enter__(self):
@@ -63,15 +68,18 @@ class PowerSampler:
         self.proc = subprocess.Popen([tool, "-i", _gpu_id(self.index), f"--query-gpu={FIELDS}",
                                       "--format=csv,noheader,nounits", f"-lms={self.period_ms}"],
                                      stdout=self.file, stderr=subprocess.DEVNULL)
-        time.sleep(0.2)  # its first sample, before the timed work starts
+        time.sleep(0.2)  # nvidia-smi up before the timed work starts
+        self.start = time.time()
         return self
 
     def __exit__(self, *exc):
         if self.proc is not None:
+            end = time.time()
+            time.sleep(0.15)  # the last sample of the timed work
             self.proc.terminate()
             self.proc.wait(timeout=10)
             self.file.seek(0)
-            self.result = parse(self.file.read().splitlines())
+            self.result = parse(self.file.read().splitlines(), self.start, end)
             self.file.close()
             self.proc = self.file = None
         return False
