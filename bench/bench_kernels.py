@@ -106,13 +106,13 @@ def bench_ms(fn, rep: int) -> float:
         return float(do_bench(fn, warmup=max(10, rep // 4), rep=rep, quantiles=[0.5]))
 
 
-def sustained_ms(fn, seconds: float = 2.0):
-    """ms per call over `seconds` of back-to-back calls, and the GPU's SM clock / power meanwhile
-    (do_bench's short windows can run at a clock the power cap does not allow for long)."""
+def sustained_ms(fn, call_ms: float, seconds: float = 2.0):
+    """ms per call over `seconds` of back-to-back calls of `fn` (which takes about `call_ms`, as
+    `bench_ms` measured it), and the GPU's SM clock / power meanwhile (do_bench's short windows can
+    run at a clock the power cap does not allow for long)."""
     from gpu_power import PowerSampler
 
-    first = bench_ms(fn, 20)
-    n = max(3, int(seconds * 1e3 / max(first, 1e-3)))
+    n = max(3, int(seconds * 1e3 / max(call_ms, 1e-3)))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     with PowerSampler(torch.cuda.current_device()) as power:
@@ -330,11 +330,11 @@ def w8a8_case(m, kdim, n, rep):
 
     flops = 2 * m * n * kdim
     base = record(case, "bf16 F.linear (cuBLAS)", bench_ms(lambda: F.linear(x, wf, bias), rep), flops)
-    record(case, "W8A8 triton (quant+gemm)", bench_ms(lambda: kern(x, qw, sw, bias), rep), flops, base)
+    w8 = record(case, "W8A8 triton (quant+gemm)", bench_ms(lambda: kern(x, qw, sw, bias), rep), flops, base)
     if DEV == "cuda":  # the same two for 2 s each: at the power cap, at the clock it allows
-        ms, power = sustained_ms(lambda: F.linear(x, wf, bias))
+        ms, power = sustained_ms(lambda: F.linear(x, wf, bias), base)
         base2 = record(case, "bf16 F.linear, 2 s back to back", ms, flops, power=power)
-        ms, power = sustained_ms(lambda: kern(x, qw, sw, bias))
+        ms, power = sustained_ms(lambda: kern(x, qw, sw, bias), w8)
         record(case, "W8A8 triton (quant+gemm), 2 s back to back", ms, flops, base2, power=power)
     record(case, "  activation quant only", bench_ms(lambda: w8a8_triton.quantize_act(x), rep))
     record(case, "  int8 gemm only", bench_ms(lambda: w8a8_triton.w8a8_gemm(xq, xs, qw, sw, bias), rep),
