@@ -51,7 +51,8 @@ HEAD_DIM = 128
 MAX_HEADS = 64  # the row tile is [next_pow2(heads), 128] in registers
 
 
-@triton.jit(do_not_specialize=["L", "syb", "syl"])
+# y's strides specialised: divisible by 16, its loads are 16-byte vectors
+@triton.jit(do_not_specialize=["L"])
 def _norm_rope_kernel(Y, W, F, O, L, syb, syl, eps,
                       H: tl.constexpr, HB: tl.constexpr, INTERPRET: tl.constexpr, ROPE: tl.constexpr = True):
     r = tl.program_id(0).to(tl.int64)  # token row b * L + l; int64: r * C can pass 2^31

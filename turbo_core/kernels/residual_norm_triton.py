@@ -30,11 +30,14 @@ runs the W8A8 kernel, `w8a8_triton.quantize_norm` makes the int8 codes from x an
 these, so the normed tensor is never written and read back.
 
 Layout: one program per token row (32 in the interpreter), the row held as one
-[next_pow2(D)] tile, or read in chunks of 1024 (three passes) when D > 2048. Rows
+[next_pow2(D)] tile, or read in chunks of 1024 (three passes) when D > 8192. Rows
 are addressed through batch and token strides (the FFN's chunked residual writes
 into a slice of its output); the last dim must have unit stride. Offsets are
 int64. shift / scale / gate are [B, 1, D] fp32 views (chunks of the modulation)
 read through their batch stride, so they are never copied.
+
+Strides are specialised (16-byte divisible ones let loads and stores be 16-byte vectors: 1.15-1.4x
+faster than one bf16 at a time, session 17); only the row counts are not.
 
 Interpreter (TRITON_INTERPRET=1, the CPU tests): casts to bf16 go through
 `sla_triton._cast` (round to nearest even; the interpreter's own cast truncates).
@@ -86,7 +89,7 @@ def _norm_out(z, W, BI, SH, SC, b, cols, mask, ssb, stb, dt: tl.constexpr, NORM:
     return _cast(z, dt, INTERPRET)
 
 
-@triton.jit(do_not_specialize=["M", "L", "D", "sxb", "sxl", "syb", "syl", "sob", "sol", "sgb", "ssb", "stb"])
+@triton.jit(do_not_specialize=["M", "L"])
 def _residual_norm_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
                           sxb, sxl, syb, syl, sob, sol, sgb, ssb, stb, eps,
                           ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ADD: tl.constexpr, GATE: tl.constexpr,
@@ -113,7 +116,7 @@ def _residual_norm_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
                      _norm_out(xc * rstd, W, BI, SH, SC, b, cols, mask, ssb, stb, dt, NORM, INTERPRET), mask=mask)
 
 
-@triton.jit(do_not_specialize=["M", "L", "D", "sxb", "sxl", "syb", "syl", "sob", "sol", "sgb", "ssb", "stb"])
+@triton.jit(do_not_specialize=["M", "L"])
 def _residual_norm_chunked_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
                                   sxb, sxl, syb, syl, sob, sol, sgb, ssb, stb, eps,
                                   CHUNK: tl.constexpr, ADD: tl.constexpr, GATE: tl.constexpr,
@@ -121,9 +124,9 @@ def _residual_norm_chunked_kernel(X, Y, G, O, NRM, W, BI, SH, SC, M, L, D,
                                   INTERPRET: tl.constexpr):
     """`_residual_norm_kernel`'s math for one row, in chunks of CHUNK columns: pass 1 makes (and
     writes) the sum and its total, pass 2 the centred squares, pass 3 the normed row, each pass
-    reading the row again (the sum from O where it was written; L1/L2 hits). A whole D = 5120
-    row padded to 8192 held ~64 fp32 per thread per tensor: few programs per SM, ~55% of the
-    memory bandwidth (14B-720p); chunks hold a few registers and waste no lanes."""
+    reading the row again (the sum from O where it was written; L1/L2 hits). For rows wider than
+    8192 (past that a whole row on 8 warps holds > 32 fp32 per thread per tensor); chunks hold a
+    few registers and waste no lanes."""
     r = tl.program_id(0).to(tl.int64)
     b = r // L
     l = r % L
@@ -172,21 +175,22 @@ def supports(x: torch.Tensor) -> bool:
 
 def _launch_shape(d: int) -> tuple[int, int, int]:
     """(rows per program, warps, chunk: 0 = the whole row as one tile). H100, bf16, us for
-    norm1+AdaLN / add+norm3 / add+norm2+AdaLN / gated add at 1.3B-480p (D=1536) and 14B-720p
-    (D=5120) [a copy of x: 72 / 516 us] (session 8, one run):
-      whole row, 1 row, 4 warps       106 205 152 119  | 1029 1994 1357 1261
-      whole row, 1 row, 8 warps       120 208 159 110  |  966 2409 1340 1332
-      chunks of 512, 4 warps          116 193 180 113  |  775 1463 1437  837
-      chunks of 1024, 4 warps         150 209 204 114  |  802 1321 1301  834
-      chunks of 2048, 4 warps         166 230 225 118  |  973 1454 1441  854
-    (session 4: 2 rows per program, 2 or 16 warps: slower.) A D = 1536 row fits a thread's
-    registers (16 values per tensor) and is read once; past 2048 the chunks win. The
-    interpreter pays per program: many rows each."""
+    stats / norm1+AdaLN / add+norm3 / add+norm2+AdaLN / gated add at 1.3B-480p (D=1536) and
+    14B-720p (D=5120) [a copy of x: 72 / 516 us] (session 17, loads in 16-byte vectors):
+      whole row, 1 row, 4 warps     47  76 141 139 105  |  -    -    -    -    -
+      whole row, 1 row, 8 warps     67  93 139 140 105  | 299  667 1028 1028  768
+      whole row, 1 row, 16 warps     -   -   -   -   -  | 375  807 1353 1112  756
+      chunks of 512, 4 warps        59  95 141 143 106  | 317  823 1264 1279  779
+      chunks of 1024, 4 warps        -   -   -   -   -  | 305  873 1276 1288  779
+      chunks of 1024 / 2048, 8 warps                    | 374-393 612-616 1043-1049 1045-1050 769-770
+    (2 or 4 rows per program: no faster at 1.3B.) Until session 17 the strides were not
+    specialised, so every bf16 was loaded alone; chunks of 1024 then won past D = 2048 (session 8).
+    The chunked kernel stays for rows past 8192. The interpreter pays per program: many rows each."""
     if INTERPRET:
         return 32, 1, 0
-    if d > 2048:
+    if d > 8192:
         return 1, 4, 1024
-    return 1, 4, 0
+    return (1, 4, 0) if d <= 2048 else (1, 8, 0)
 
 
 def _row_view(t: torch.Tensor) -> torch.Tensor:
