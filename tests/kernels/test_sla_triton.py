@@ -233,10 +233,22 @@ def test_install_without_triton_returns_false(monkeypatch):
     assert kernels.install() is False
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("kk,nk", [(1, 1), (5, 10), (59, 591), (100, 128), (300, 1182)])
-def test_sort_rows_is_an_ascending_sort(kk, nk):
+def test_topk_lut_selects_the_largest_ascending(kk, nk, dtype):
+    """The fused top-k: the kk largest of each row, ties to the lower index (a stable descending
+    sort), returned ascending; scores coarse enough for many ties, signed zeros, negatives."""
     g = torch.Generator().manual_seed(SEED + kk)
-    idx = torch.rand(2, 3, 7, nk, generator=g).topk(kk, dim=-1, sorted=False).indices  # int64, unordered
-    lut = sla_triton.sort_rows(idx)
-    assert lut.dtype == torch.int32 and lut.shape == idx.shape and lut.is_contiguous()
-    assert torch.equal(lut, idx.sort(dim=-1).values.int()), f"seed {SEED}"
+    scores = (torch.randn(2, 3, 7, nk, generator=g) * 4).round() / 4  # ties in every row
+    scores[..., ::3] *= -1
+    scores[..., 1::7] = -0.0
+    scores = scores.to(dtype)
+    lut = sla_triton.topk_lut(scores, kk)
+    order = scores.float().sort(dim=-1, descending=True, stable=True).indices[..., :kk]
+    assert lut.dtype == torch.int32 and lut.shape == (2, 3, 7, kk) and lut.is_contiguous()
+    assert torch.equal(lut, order.sort(dim=-1).values.int()), f"seed {SEED}"
+
+
+def test_topk_lut_refuses_impossible_counts():
+    with pytest.raises(ValueError, match="kk <= nk"):
+        sla_triton.topk_lut(torch.zeros(4, 10), 11)
