@@ -21,6 +21,8 @@ def test_default_chunk_is_128_aligned_and_leaves_small_inputs_whole():
     assert dit_module.FFN_CHUNK % 128 == 0 and dit_module.FFN_CHUNK >= 8192
     model = dit_from_state_dict(tiny_dit_state_dict(seed=3), device="cpu", dtype="fp32")
     assert all(b.ffn_chunk == dit_module.FFN_CHUNK for b in model.blocks)
+    # the models' videos (81 frames): 1.3B-480p in one pass, 14B-720p in two (RESULTS.md session 19)
+    assert model.blocks[0]._ffn_passes(32760) == 1 and model.blocks[0]._ffn_passes(75600) == 2
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -240,11 +240,14 @@ class CrossAttention(nn.Module):
         return dense_attention(q, k, v).flatten(2)
 
 
-# Tokens per FFN pass. One pass over all 75600 tokens of a 14B-720p video holds a
-# [L, 13824] hidden state three times (bf16 out, GELU, int8 codes: ~5 GiB); passes
-# of 16384 tokens hold ~1.1 GiB. A multiple of 128, so W8A8 activation tiles (128
-# rows) are unchanged by the split. 0 = one pass.
-FFN_CHUNK = 16384
+# Tokens per FFN pass: passes bound the [L, ffn_dim] hidden state (bf16 out, GELU,
+# int8 codes). At 40960 a 1.3B-480p video (32760 tokens) takes one pass and a
+# 14B-720p one (75600) two of 37888. H100, against passes of 16384 (RESULTS.md
+# session 19): 0.7-1.1% faster steps (fewer, fuller GEMM waves), the 14B int8 peak
+# unchanged at 18.4 GiB (attention's is as high), bf16 31.6 GiB instead of 31.4
+# (one pass: 32.8). A multiple of 128, so W8A8 activation tiles (128 rows) are
+# unchanged by the split. 0 = one pass.
+FFN_CHUNK = 40960
 
 
 class Block(nn.Module):
