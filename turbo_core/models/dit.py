@@ -243,10 +243,10 @@ class CrossAttention(nn.Module):
 # Tokens per FFN pass: passes bound the [L, ffn_dim] hidden state (bf16 out, GELU,
 # int8 codes). At 40960 a 1.3B-480p video (32760 tokens) takes one pass and a
 # 14B-720p one (75600) two of 37888. H100, against passes of 16384 (RESULTS.md
-# session 19): 0.7-1.1% faster steps (fewer, fuller GEMM waves), the 14B int8 peak
-# unchanged at 18.4 GiB (attention's is as high), bf16 31.6 GiB instead of 31.4
-# (one pass: 32.8). A multiple of 128, so W8A8 activation tiles (128 rows) are
-# unchanged by the split. 0 = one pass.
+# session 19): steps 0.6-1.1% faster (fewer launches and GEMM waves, we think),
+# the 14B int8 peak unchanged at 18.4 GiB (attention's is as high), bf16 31.6 GiB
+# instead of 31.4 (one pass: 32.8). A multiple of 128, so W8A8 activation tiles
+# (128 rows) are unchanged by the split. 0 = one pass.
 FFN_CHUNK = 40960
 
 
