@@ -6,7 +6,7 @@
 (b) self-attention 14B-720p:  B=1, L=75600, H=40, D=128, topk 0.1
     torch SDPA (default, and FLASH / CUDNN / EFFICIENT where selectable), our SLA
     Triton (full forward = block map + linear-branch state + fused kernel; and the
-    parts), our SageSLA-class (int8 QK + fp8 V, and int8 QK + bf16 V).
+    parts), our SageSLA-class (int8 QK + fp8 V, and int8 QK + fp16 V).
 (c) W8A8 linear at M=32760, (K,N) in (1536,1536) (1536,8960) (8960,1536) (5120,13824):
     activation quant + int8 GEMM (bit-exact; every config checked at full size; and each part) vs
     bf16 F.linear (cuBLAS), also both for 2 s back to back with the SM clock and power meanwhile
@@ -189,7 +189,7 @@ def attention_case(name, n, h, topk, rep, big):
     for v_fp8 in (True, False):
         for cfg in sla_triton.usable_configs(sla_triton.ATTN_CONFIGS, bq, True, v_fp8):
             o = sagesla_triton.sagesla_forward(qs, ks_, vs, w, b, topk, v_fp8=v_fp8, config=cfg)
-            sage_err[("fp8v " if v_fp8 else "bf16v ") + _cfg_name(cfg)] = round(rel_l2(o[:, :rows], expect_s), 5)
+            sage_err[("fp8v " if v_fp8 else "f16v ") + _cfg_name(cfg)] = round(rel_l2(o[:, :rows], expect_s), 5)
     s8 = sagesla_triton.sagesla_forward(qs, ks_, vs, w, b, topk, v_fp8=True)
     s16 = sagesla_triton.sagesla_forward(qs, ks_, vs, w, b, topk, v_fp8=False)
     CHECKS[case] = dict(
@@ -199,9 +199,9 @@ def attention_case(name, n, h, topk, rep, big):
         sla_config_vs_reference_rel_l2_max=max(cfg_err.values()),
         sage_blocks=f"{bq}x{bk}",
         sage_fp8v_vs_fp32_on_selection_rel_l2=rel_l2(s8[:, :rows], expect_s),
-        sage_bf16v_vs_fp32_on_selection_rel_l2=rel_l2(s16[:, :rows], expect_s),
+        sage_f16v_vs_fp32_on_selection_rel_l2=rel_l2(s16[:, :rows], expect_s),
         sage_config_rel_l2_max=max(sage_err.values()),
-        sagesla_fp8v_vs_sla_rel_l2=rel_l2(s8, out), sagesla_bf16v_vs_sla_rel_l2=rel_l2(s16, out),
+        sagesla_fp8v_vs_sla_rel_l2=rel_l2(s8, out), sagesla_f16v_vs_sla_rel_l2=rel_l2(s16, out),
     )
     INFO.setdefault("attention_config_errors", {})[case] = dict(sla=cfg_err, sage=sage_err)
     log(f"check {case}: {CHECKS[case]}")
@@ -247,7 +247,7 @@ def attention_case(name, n, h, topk, rep, big):
         ("  sage block map + q/k int8", lambda: sla_triton.block_lut(q, k, topk, *sagesla_triton.default_blocks(),
                                                                       quant=True)),
         ("  sage V -> fp8 V^T", lambda: sagesla_triton.quantize_v_fp8(v)),
-        ("SageSLA int8 QK + bf16 V (full)", lambda: sagesla_triton.sagesla_forward(q, k, v, w, b, topk,
+        ("SageSLA int8 QK + fp16 V (full)", lambda: sagesla_triton.sagesla_forward(q, k, v, w, b, topk,
                                                                                      v_fp8=False)),
     ]
     for label, fn in runs:

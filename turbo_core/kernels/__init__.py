@@ -5,7 +5,7 @@ fused residual add + LayerNorm + AdaLN.
     kernels.install()   # -> True when the kernels were registered
 
 `install()` registers the attention backends "sla" and "sagesla" (int8 q/k;
-fp8 V on sm89/sm90+, bf16 V on sm80/86) with `turbo_core.attention.register`,
+fp8 V on sm89/sm90+, fp16 V on sm80/86) with `turbo_core.attention.register`,
 sets `Int8Linear.kernel` to the Triton W8A8 kernel object and
 `SelfAttention.fused_norm_rope` to the fused RMSNorm + RoPE kernel and
 `Block.fused_ops` to the fused residual / LayerNorm / AdaLN kernels. It needs sm80+
@@ -68,7 +68,7 @@ def install() -> bool:
             log.info("turbo_core.kernels: %s, Triton kernels not installed", _error)
             return False
         register("sla", sla_triton.sla_backend)
-        register("sagesla", sagesla_triton.sagesla_backend)  # fp8 V on sm89+, bf16 V on sm80/86
+        register("sagesla", sagesla_triton.sagesla_backend)  # fp8 V on sm89+, fp16 V on sm80/86
         Int8Linear.kernel = w8a8_triton.W8A8Kernel()
         if not sla_triton.INTERPRET:  # CPU models keep the PyTorch ops (tests set it explicitly)
             SelfAttention.fused_norm_rope = norm_rope_triton  # RMSNorm + RoPE of q and k in one pass

@@ -25,7 +25,10 @@ QK_INT8 / V_FP8 switches):
     added to the exp2 argument) and each block's P@V is accumulated in fp32
     (max_num_imprecise_acc = BLOCK_N keeps Hopper's fp8 MMA from accumulating
     across blocks in its reduced-precision accumulator);
-  * V (v_fp8=False, sm80/sm86 or by request): bf16 V and bf16 P, as in SLA;
+  * V (v_fp8=False, sm80/sm86 or by request): P and V in fp16 (upstream's sm80
+    kernel), accumulated in fp32; a channel whose max |v| passes fp16's 65504 is
+    divided by max|v| / 65504 on load and multiplied back at the end
+    (`fp16_v_scale`; for every other channel the scale is 1 and V is exact);
   * the linear branch and proj_l: exactly SLA's fused epilogue, from the bf16 q.
   * int32 QK tiles are converted to fp32 with an exact integer-add trick
     (|q.k| <= 127*127*128 < 2^22) rather than I2F (1% slower here); with one k
@@ -36,10 +39,10 @@ Measured error on the CPU interpreter (tests/kernels/test_sagesla_triton.py;
 random N(0,1) q/k/v, D=128, L in {200, 333, 608}, no proj_l; rel_l2 against
 fp64 dense softmax attention restricted to the same selected blocks):
     SLA (bf16)                 ~2e-3
-    int8 QK + bf16 V           1.0e-2 .. 1.3e-2   (test bound 2e-2)
+    int8 QK + fp16 V           1.0e-2 .. 1.3e-2   (test bound 2e-2)
     int8 QK + fp8 V, fp8 P     3.4e-2 .. 3.7e-2   (test bound 5e-2)
 and against the official SLA op output (fixture sla_op, with proj_l): 1.2e-2
-(bf16 V) and 2.9e-2 (fp8 V). The int8 error is the per-block scale on Gaussian
+(fp16 V) and 2.9e-2 (fp8 V). The int8 error is the per-block scale on Gaussian
 data; e4m3's 3 mantissa bits on P and V each add ~2.5% rms on random inputs,
 whose attention outputs are small averages of random vectors (not measured on
 real activations).
@@ -57,6 +60,7 @@ from .sla_triton import (INTERPRET, _check_layout, _fp8_grid, attention_launch, 
 from .sla_triton import supports as _sla_supports
 
 FP8_MAX = 448.0
+FP16_MAX = 65504.0
 
 
 @triton.jit(do_not_specialize=["L", "H", "LP"])
@@ -130,6 +134,12 @@ def quantize_v_fp8(v: torch.Tensor, pad_to: int = 128, amax: torch.Tensor | None
     return vt, vsc
 
 
+def fp16_v_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Per-channel divisor of V for the fp16 P.V, fp32 [B*H, D] from max|v| [B,H,D]: 1 (V exact)
+    unless a channel's max passes fp16's range, then max / 65504."""
+    return (amax.float() / FP16_MAX).clamp_min(1.0).reshape(-1, amax.shape[-1]).contiguous()
+
+
 def fp8_supported(device=None) -> bool:
     """fp8 e4m3 MMA: sm89 (Ada), sm90 (Hopper) and newer. The interpreter emulates it."""
     if INTERPRET:
@@ -157,8 +167,8 @@ def default_blocks(device=None) -> tuple[int, int]:
 
 def sagesla_forward(q, k, v, proj_l_weight=None, proj_l_bias=None, topk: float = 0.1, *,
                     blkq: int | None = None, blkk: int | None = None, v_fp8: bool | None = None, config=None):
-    """SageSLA-class forward on [B,L,H,D]; returns q's dtype. v_fp8=None: fp8 V where supported;
-    blkq/blkk None: `default_blocks` for q's device."""
+    """SageSLA-class forward on [B,L,H,D]; returns q's dtype. v_fp8=None: fp8 V where supported
+    (else fp16 V); blkq/blkk None: `default_blocks` for q's device."""
     dtype = q.dtype
     q, k, v = (_check_layout(t) for t in (q, k, v))
     if blkq is None or blkk is None:
@@ -171,11 +181,11 @@ def sagesla_forward(q, k, v, proj_l_weight=None, proj_l_bias=None, topk: float =
     sage = dict(qc=qc, qs=qs, kc=kc, ks=ks)
     linear = vmax = None
     if proj_l_weight is not None:  # the linear branch's pass over v also gives V's scales
-        linear = linear_state(k, v, v_absmax=v_fp8)
-        if v_fp8:
-            linear, vmax = linear[:2], linear[2]
+        *linear, vmax = linear_state(k, v, v_absmax=True)
     if v_fp8:
         sage["vt"], sage["vsc"] = quantize_v_fp8(v, amax=vmax)
+    else:
+        sage["vsc"] = fp16_v_scale(channel_absmax(v) if vmax is None else vmax)
     out = attention_launch(q, k, v, lut, proj_w=proj_l_weight, proj_b=proj_l_bias, sage=sage,
                            blkq=blkq, blkk=blkk, config=config, linear=linear)
     return out if dtype == torch.bfloat16 else out.to(dtype)
@@ -194,5 +204,5 @@ def sagesla_backend(q, k, v, proj_l_weight, proj_l_bias, topk):
     return sagesla_forward(q, k, v, proj_l_weight, proj_l_bias, topk)
 
 
-__all__ = ["sagesla_forward", "sagesla_backend", "quantize_v_fp8", "fp8_supported", "int8_supported", "default_blocks",
-           "sla_forward"]
+__all__ = ["sagesla_forward", "sagesla_backend", "quantize_v_fp8", "fp16_v_scale", "fp8_supported", "int8_supported",
+           "default_blocks", "sla_forward"]

@@ -507,13 +507,20 @@ def _probs(x, c, m_new, P_SHIFT: tl.constexpr, QK_INT8: tl.constexpr):
 
 
 @triton.jit
-def _pv(acc, p, vx, BLKK: tl.constexpr, V_FP8: tl.constexpr, INTERPRET: tl.constexpr):
-    """acc + P @ V for one key block (P already scaled for fp8)."""
+def _pv(acc, p, vx, vinv, BLKK: tl.constexpr, V_FP8: tl.constexpr, PV_F16: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + P @ V for one key block (P already scaled for fp8). PV_F16: P and V (times vinv,
+    1 unless a channel passes fp16's range) in fp16, accumulated in fp32."""
     if V_FP8:
         if INTERPRET:
             acc += tl.dot(_fp8_grid(p), tl.trans(vx.to(tl.float32)))
         else:
             acc += tl.dot(p.to(tl.float8e4nv), tl.trans(vx), max_num_imprecise_acc=BLKK)
+    elif PV_F16:
+        v16 = (_to_f32(vx, INTERPRET) * vinv[None, :]).to(tl.float16)
+        if INTERPRET:  # fp16 values, summed in fp32 (the interpreter's fp16 dot would sum in fp16)
+            acc += tl.dot(p.to(tl.float16).to(tl.float32), v16.to(tl.float32))
+        else:
+            acc += tl.dot(p.to(tl.float16), v16)
     else:
         if INTERPRET:
             acc += tl.dot(_bf16v(p, INTERPRET), vx.to(tl.float32))
@@ -533,7 +540,7 @@ def _sla_attn_kernel(
     qk_scale,
     D: tl.constexpr, BLKQ: tl.constexpr, BLKK: tl.constexpr, NBI: tl.constexpr, ROWS: tl.constexpr,
     USE_TMA: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
-    QK_INT8: tl.constexpr, V_FP8: tl.constexpr, INTERPRET: tl.constexpr,
+    QK_INT8: tl.constexpr, V_FP8: tl.constexpr, INTERPRET: tl.constexpr, PV_F16: tl.constexpr = False,
 ):
     # One program: ROWS query rows (a whole query block, or half of one: same LUT row).
     SPLIT: tl.constexpr = BLKQ // ROWS
@@ -564,6 +571,9 @@ def _sla_attn_kernel(
         q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
         row_scale = qk_scale
 
+    vinv = 1.0
+    if PV_F16:  # per-channel V scale: 1, or what brings a channel into fp16's range
+        vinv = tl.math.div_rn(tl.full([D], 1.0, tl.float32), tl.load(VSC + bh64 * D + offs_d))
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
@@ -601,15 +611,15 @@ def _sla_attn_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + l_add
         acc = acc * alpha[:, None]
-        acc = _pv(acc, p0, _load_v(V, VT, kb0, b, h, bh64, L, LP, v_base, svl, D, BLKK, USE_TMA, V_FP8),
-                  BLKK, V_FP8, INTERPRET)
+        acc = _pv(acc, p0, _load_v(V, VT, kb0, b, h, bh64, L, LP, v_base, svl, D, BLKK, USE_TMA, V_FP8), vinv,
+                  BLKK, V_FP8, PV_F16, INTERPRET)
         if NBI == 2:
-            acc = _pv(acc, p1, _load_v(V, VT, kb1, b, h, bh64, L, LP, v_base, svl, D, BLKK, USE_TMA, V_FP8),
-                      BLKK, V_FP8, INTERPRET)
+            acc = _pv(acc, p1, _load_v(V, VT, kb1, b, h, bh64, L, LP, v_base, svl, D, BLKK, USE_TMA, V_FP8), vinv,
+                      BLKK, V_FP8, PV_F16, INTERPRET)
         m_i = m_new
 
-    if V_FP8:
-        vsc = tl.load(VSC + bh64 * D + offs_d)  # per-channel V scale (P carries the 448)
+    if V_FP8 or PV_F16:
+        vsc = tl.load(VSC + bh64 * D + offs_d)  # per-channel V scale (fp8: P carries the 448)
         o = acc * vsc[None, :] * (1.0 / l_i)[:, None]
     else:
         o = acc * (1.0 / l_i)[:, None]
@@ -744,7 +754,8 @@ def attention_launch(q, k, v, lut, *, proj_w=None, proj_b=None, sage=None, blkq=
     (int32, ascending block indices per query block: the kernel masks the
     partial last key block only in its last iteration).
 
-    sage: None, or dict(qc, qs, kc, ks, vt=None, vsc=None) from sagesla_triton.
+    sage: None, or dict(qc, qs, kc, ks, vsc, vt=None) from sagesla_triton: with vt, fp8 V^T and its
+    per-channel scale; without, P and V in fp16, V divided by vsc per channel (`fp16_v_scale`).
     linear: a precomputed `linear_state(k, v)` (else computed here when proj_w is given).
     Returns [B,L,H,D] bf16.
     """
@@ -761,9 +772,10 @@ def attention_launch(q, k, v, lut, *, proj_w=None, proj_b=None, sage=None, blkq=
         kv = z = w = bias = out
     qk_int8 = sage is not None
     v_fp8 = qk_int8 and sage.get("vt") is not None
+    pv_f16 = qk_int8 and not v_fp8
     if qk_int8:
-        qc, qs, kc, ks = sage["qc"], sage["qs"], sage["kc"], sage["ks"]
-        vt, vsc = (sage["vt"], sage["vsc"]) if v_fp8 else (out, out)
+        qc, qs, kc, ks, vsc = sage["qc"], sage["qs"], sage["kc"], sage["ks"], sage["vsc"]
+        vt = sage["vt"] if v_fp8 else out
         lp = vt.shape[-1] if v_fp8 else n
     else:
         qc = qs = kc = ks = vt = vsc = out
@@ -784,7 +796,7 @@ def attention_launch(q, k, v, lut, *, proj_w=None, proj_b=None, sage=None, blkq=
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             scale, D=d, BLKQ=blkq, BLKK=blkk, NBI=nbi, ROWS=rows, USE_TMA=use_tma,
             HAS_LINEAR=has_linear, HAS_BIAS=proj_b is not None,
-            QK_INT8=qk_int8, V_FP8=v_fp8, INTERPRET=INTERPRET, **cfg)
+            QK_INT8=qk_int8, V_FP8=v_fp8, PV_F16=pv_f16, INTERPRET=INTERPRET, **cfg)
 
     if config is None:
         key = ("attn", n, h, b, kk, d, blkq, blkk, has_linear, qk_int8, v_fp8)
